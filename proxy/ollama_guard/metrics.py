@@ -1,0 +1,142 @@
+"""Prometheus metrics (names fixed in docs/CONTRACTS.md).
+
+With several uvicorn workers each process writes to PROMETHEUS_MULTIPROC_DIR and /metrics aggregates them
+(prometheus-client's multiprocess mode), so a scrape of any worker sees the whole pod.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+SCAN_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.multiprocess = multiprocess_dir() is not None
+        # In multiprocess mode metrics live in the default registry's files; otherwise in our own registry
+        # so that several apps in one process (tests) don't collide.
+        reg = None if self.multiprocess else CollectorRegistry()
+        kw: dict[str, Any] = {"registry": reg} if reg is not None else {}
+        self.registry = reg
+        gauge_mode = {"multiprocess_mode": "livesum"} if self.multiprocess else {}
+        gauge_max = {"multiprocess_mode": "max"} if self.multiprocess else {}
+        p = "ollama_guard_"
+        self.requests = Counter(
+            p + "requests_total", "Requests by route, dialect, status and guard decision",
+            ["route", "dialect", "status", "decision"], **kw,
+        )
+        self.request_seconds = Histogram(
+            p + "request_duration_seconds", "Whole request latency", ["route", "dialect"],
+            buckets=LATENCY_BUCKETS, **kw,
+        )
+        self.upstream_seconds = Histogram(
+            p + "upstream_duration_seconds", "Time to Ollama's response headers", ["route"],
+            buckets=LATENCY_BUCKETS, **kw,
+        )
+        self.upstream_errors = Counter(p + "upstream_errors_total", "Failed calls to Ollama", ["kind"], **kw)
+        self.scanner_seconds = Histogram(
+            p + "scanner_duration_seconds", "Per-scanner latency", ["scanner", "direction"],
+            buckets=SCAN_BUCKETS, **kw,
+        )
+        self.scanner_blocks = Counter(
+            p + "scanner_blocks_total", "Texts a scanner blocked", ["scanner", "direction"], **kw
+        )
+        self.scanner_errors = Counter(
+            p + "scanner_errors_total", "Scanner errors and timeouts", ["scanner", "direction"], **kw
+        )
+        self.cache_requests = Counter(
+            p + "cache_requests_total", "Verdict cache lookups", ["backend", "result"], **kw
+        )
+        self.cache_backend_active = Gauge(
+            p + "cache_backend_active", "1 for the verdict cache backend in use", ["backend"], **kw, **gauge_max
+        )
+        self.redis_errors = Counter(p + "redis_errors_total", "Failed Redis calls", **kw)
+        self.rate_limited = Counter(p + "rate_limited_total", "Requests refused by rate limits", ["client"], **kw)
+        self.in_flight = Gauge(p + "requests_in_flight", "Requests being served", **kw, **gauge_mode)
+        self.streams_stopped = Counter(
+            p + "streams_stopped_total", "Streams the guard stopped", ["dialect", "scanner"], **kw
+        )
+        self.model_load = Gauge(p + "model_load_seconds", "Scanner load time", ["scanner"], **kw, **gauge_max)
+        self.scanner_ready = Gauge(
+            p + "scanner_ready", "1 when the scanner is loaded", ["scanner", "direction"], **kw, **gauge_max
+        )
+        self.device_info = Gauge(p + "device_info", "Compute device in use", ["device"], **kw, **gauge_max)
+        self.rss = Gauge(p + "process_resident_memory_bytes", "Resident memory", **kw, **gauge_mode)
+        self.cpu = Gauge(p + "process_cpu_percent", "CPU use of this process", **kw, **gauge_mode)
+        self.gpu_memory = Gauge(p + "gpu_memory_bytes", "GPU memory allocated", ["device"], **kw, **gauge_mode)
+        self._process: Any = None
+
+    # -- recorded by the engine, the cache and the app ------------------------------------------------
+    def observe_verdict(self, direction: str, verdict: Any) -> None:
+        if verdict.cached:
+            return
+        for r in verdict.results:
+            self.scanner_seconds.labels(r.scanner, direction).observe(r.ms / 1000.0)
+            if r.error:
+                self.scanner_errors.labels(r.scanner, direction).inc()
+            elif not r.valid and r.action == "block":
+                self.scanner_blocks.labels(r.scanner, direction).inc()
+
+    def cache_lookup(self, backend: str, hits: int, misses: int) -> None:
+        if hits:
+            self.cache_requests.labels(backend, "hit").inc(hits)
+        if misses:
+            self.cache_requests.labels(backend, "miss").inc(misses)
+
+    def cache_backend(self, backend: str) -> None:
+        for b in ("redis", "memory"):
+            self.cache_backend_active.labels(b).set(1 if b == backend else 0)
+
+    def redis_error(self) -> None:
+        self.redis_errors.inc()
+
+    def policy_loaded(self, policy: Any) -> None:
+        for s in policy.all():
+            self.scanner_ready.labels(s.name, s.direction).set(1 if s.loaded else 0)
+            if s.loaded and s.is_model:
+                self.model_load.labels(s.name).set(s.load_seconds)
+        device = policy.device.name if policy.device else "cpu"
+        self.device_info.labels(device).set(1)
+
+    def sample_process(self, device: str) -> None:
+        import psutil
+
+        if self._process is None:
+            self._process = psutil.Process()
+            self._process.cpu_percent(None)
+        self.rss.set(self._process.memory_info().rss)
+        self.cpu.set(self._process.cpu_percent(None))
+        if device == "cuda":
+            import torch
+
+            self.gpu_memory.labels("cuda").set(torch.cuda.memory_allocated())
+        elif device == "mps":
+            import torch
+
+            self.gpu_memory.labels("mps").set(torch.mps.current_allocated_memory())
+
+    def render(self) -> tuple[bytes, str]:
+        if self.multiprocess:
+            from prometheus_client import multiprocess
+
+            reg = CollectorRegistry()
+            multiprocess.MultiProcessCollector(reg)
+            return generate_latest(reg), CONTENT_TYPE_LATEST
+        assert self.registry is not None
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,202 @@
+"""Strict validation of guarded request bodies, and where in them the texts to scan are.
+
+Everything the guard does not scan (images, tools, tool calls, format, options, think, keep_alive ...) is
+type-checked loosely and passed through untouched; every text that reaches the model is found and scanned.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from .dialects import OLLAMA, BadRequest, Route
+from .settings import Settings
+
+_ROLES = {"system", "user", "assistant", "tool", "developer"}
+
+
+@dataclass
+class Target:
+    """One text in the body: where it is, so a sanitized text can be put back."""
+
+    container: Any
+    key: Any
+    role: str
+
+    @property
+    def text(self) -> str:
+        return self.container[self.key]
+
+    def set(self, value: str) -> None:
+        self.container[self.key] = value
+
+
+@dataclass
+class GuardedRequest:
+    route: Route
+    body: dict[str, Any]
+    model: str
+    stream: bool
+    targets: list[Target] = field(default_factory=list)
+
+    @property
+    def prompt(self) -> str:
+        """The text output scanners compare an answer with: the last user text."""
+        for t in reversed(self.targets):
+            if t.role == "user":
+                return t.text
+        return self.targets[-1].text if self.targets else ""
+
+
+def parse_json(raw: bytes, route: Route) -> dict[str, Any]:
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        if "utf-8" in str(exc).lower() or "surrogate" in str(exc).lower():
+            raise BadRequest("request body is not valid UTF-8") from None
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise BadRequest("request body must be a JSON object")
+    return obj
+
+
+def _expect(cond: bool, message: str) -> None:
+    if not cond:
+        raise BadRequest(message)
+
+
+class Validator:
+    def __init__(self, settings: Settings):
+        self.limits = settings.limits
+        self.model_re = re.compile(settings.limits.model_name_pattern)
+        self.scan_roles = {"user"}
+        if settings.scan_system_messages:
+            self.scan_roles |= {"system", "developer"}
+        if settings.scan_tool_messages:
+            self.scan_roles.add("tool")
+
+    def _text(self, value: Any, what: str) -> str:
+        _expect(isinstance(value, str), f"{what} must be a string")
+        _expect(len(value) <= self.limits.max_prompt_chars,
+                f"{what} is longer than {self.limits.max_prompt_chars} characters")
+        return value
+
+    def parse(self, raw: bytes, route: Route) -> GuardedRequest:
+        body = parse_json(raw, route)
+        model = body.get("model")
+        _expect(isinstance(model, str) and model != "", "model is required and must be a string")
+        _expect(bool(self.model_re.match(model)), "model name has characters that are not allowed")
+        stream = body.get("stream", route.stream_default)
+        _expect(isinstance(stream, bool), "stream must be a boolean")
+        for key, kinds in (("options", dict), ("keep_alive", (str, int, float)), ("tools", list)):
+            if key in body and body[key] is not None:
+                _expect(isinstance(body[key], kinds), f"{key} has the wrong type")
+        req = GuardedRequest(route, body, model, stream)
+        getattr(self, f"_{route.dialect}_{route.kind}")(req)
+        return req
+
+    # ---- Ollama ----------------------------------------------------------------------------------------
+    def _ollama_chat(self, req: GuardedRequest) -> None:
+        messages = req.body.get("messages", [])
+        _expect(isinstance(messages, list), "messages must be a list")
+        _expect(len(messages) <= self.limits.max_messages,
+                f"too many messages: at most {self.limits.max_messages}")
+        for i, m in enumerate(messages):
+            _expect(isinstance(m, dict), f"messages[{i}] must be an object")
+            role = m.get("role")
+            _expect(isinstance(role, str) and role in _ROLES, f"messages[{i}].role is not a valid role")
+            if m.get("content") is not None:
+                self._text(m["content"], f"messages[{i}].content")
+                if role in self.scan_roles:
+                    req.targets.append(Target(m, "content", role))
+            elif role in self.scan_roles and not m.get("tool_calls"):
+                raise BadRequest(f"messages[{i}].content is required")
+            images = m.get("images")
+            if images is not None:
+                _expect(isinstance(images, list) and all(isinstance(x, str) for x in images),
+                        f"messages[{i}].images must be a list of strings")
+
+    def _ollama_generate(self, req: GuardedRequest) -> None:
+        for key, role in (("system", "system"), ("prompt", "user"), ("suffix", "user")):
+            value = req.body.get(key)
+            if value is None:
+                continue
+            self._text(value, key)
+            if role in self.scan_roles and value:
+                req.targets.append(Target(req.body, key, role))
+        # A caller-supplied template or raw mode still only carries the texts above; images pass.
+        images = req.body.get("images")
+        if images is not None:
+            _expect(isinstance(images, list) and all(isinstance(x, str) for x in images),
+                    "images must be a list of strings")
+
+    def _ollama_embed(self, req: GuardedRequest) -> None:
+        self._inputs(req, "input", allow_tokens=False)
+
+    def _ollama_embeddings(self, req: GuardedRequest) -> None:
+        value = req.body.get("prompt", "")
+        self._text(value, "prompt")
+        if value:
+            req.targets.append(Target(req.body, "prompt", "user"))
+
+    # ---- OpenAI ----------------------------------------------------------------------------------------
+    def _openai_chat(self, req: GuardedRequest) -> None:
+        messages = req.body.get("messages")
+        _expect(isinstance(messages, list) and messages, "messages must be a non-empty list")
+        _expect(len(messages) <= self.limits.max_messages,
+                f"too many messages: at most {self.limits.max_messages}")
+        for i, m in enumerate(messages):
+            _expect(isinstance(m, dict), f"messages[{i}] must be an object")
+            role = m.get("role")
+            _expect(isinstance(role, str) and role in _ROLES, f"messages[{i}].role is not a valid role")
+            content = m.get("content")
+            if content is None:
+                _expect(role not in self.scan_roles or bool(m.get("tool_calls")),
+                        f"messages[{i}].content is required")
+                continue
+            if isinstance(content, str):
+                self._text(content, f"messages[{i}].content")
+                if role in self.scan_roles:
+                    req.targets.append(Target(m, "content", role))
+                continue
+            _expect(isinstance(content, list), f"messages[{i}].content must be a string or a list of parts")
+            for j, part in enumerate(content):
+                _expect(isinstance(part, dict) and isinstance(part.get("type"), str),
+                        f"messages[{i}].content[{j}] must be an object with a type")
+                if part["type"] == "text":
+                    self._text(part.get("text"), f"messages[{i}].content[{j}].text")
+                    if role in self.scan_roles:
+                        req.targets.append(Target(part, "text", role))
+                elif part["type"] not in ("image_url", "input_image"):
+                    raise BadRequest(f"messages[{i}].content[{j}].type {part['type']!r} is not supported")
+
+    def _openai_completion(self, req: GuardedRequest) -> None:
+        self._inputs(req, "prompt", allow_tokens=False)
+        if req.body.get("suffix") is not None:
+            self._text(req.body["suffix"], "suffix")
+            req.targets.append(Target(req.body, "suffix", "user"))
+
+    def _openai_embed(self, req: GuardedRequest) -> None:
+        self._inputs(req, "input", allow_tokens=False)
+
+    def _inputs(self, req: GuardedRequest, key: str, allow_tokens: bool) -> None:
+        value = req.body.get(key)
+        _expect(value is not None, f"{key} is required")
+        if isinstance(value, str):
+            self._text(value, key)
+            req.targets.append(Target(req.body, key, "user"))
+            return
+        _expect(isinstance(value, list), f"{key} must be a string or a list of strings")
+        _expect(len(value) <= self.limits.max_messages, f"too many {key} items: at most {self.limits.max_messages}")
+        for i, item in enumerate(value):
+            # Token-id inputs cannot be scanned as text: refused rather than passed unscanned.
+            _expect(isinstance(item, str), f"{key}[{i}] must be a string (token arrays are not accepted)")
+            self._text(item, f"{key}[{i}]")
+            req.targets.append(Target(value, i, "user"))
+
+
+def response_dialect_is_ollama(route: Route) -> bool:
+    return route.dialect == OLLAMA

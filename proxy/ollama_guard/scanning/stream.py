@@ -1,0 +1,174 @@
+"""Incremental output guard for streamed answers.
+
+Text reaches the client only after every output scanner has passed it, and no text is scanned more than a
+bounded number of times, so the scan work grows linearly with the answer (re-scanning the whole answer on
+every chunk, as most proxies do, is quadratic).
+
+Each scanner sees the stream in one of four modes:
+- ``pattern`` (Secrets, BanSubstrings, Regex, InvisibleText ...): runs on each new stretch of at least
+  ``stream.pattern_step`` characters together with the previous ``overlap`` characters, and the last
+  ``overlap`` characters are held back. A match of at most ``overlap`` characters is therefore always seen
+  whole before any of it is released, however the chunks split it.
+- ``sentence`` (model scanners): runs on each run of newly completed sentences, with up to
+  ``stream.sentence_context_chars`` characters of the text before as context; text is released once its
+  sentence has passed. A stretch with no sentence end is cut at a space after 1024 characters.
+- ``final`` (JSON, ReadingTime, TokenLimit ...): runs once on the whole answer at the end; it can only stop
+  the end of a stream, since the rest was released already. Use ``buffer`` where that is not enough.
+- ``buffer``: the whole answer is held back until it has passed.
+
+Guarantees and limits are documented in docs/STREAMING.md.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ..settings import Settings
+from .engine import ScanEngine, ScanResult, Verdict
+from .policy import GuardScanner
+
+_SENTENCE_END = re.compile(r"[.!?。！？][\"')\]]*\s|\n")
+MAX_SENTENCE_WINDOW = 1024
+
+
+@dataclass(slots=True)
+class Step:
+    release_to: int
+    violation: Verdict | None = None
+
+
+class StreamGuard:
+    """Decides how much of the streamed text may be released. Dialect-agnostic; one per stream."""
+
+    def __init__(self, engine: ScanEngine, settings: Settings, prompt: str = "", vault: Any = None):
+        self.engine = engine
+        self.prompt = prompt
+        self.vault = vault
+        active = engine.policy.active("output")
+        self.pattern = [s for s in active if s.stream_mode == "pattern"]
+        self.sentence = [s for s in active if s.stream_mode == "sentence"]
+        self.final = [s for s in active if s.stream_mode in ("final", "buffer")]
+        self.buffered = any(s.stream_mode == "buffer" for s in active)
+        self.overlap = max((s.overlap(settings.stream.default_overlap) for s in self.pattern), default=0)
+        self.step = settings.stream.pattern_step
+        self.context = settings.stream.sentence_context_chars
+        self.text = ""
+        self.released = 0
+        self.p_scanned = 0
+        self.s_scanned = 0
+        self.sanitized = False
+        self.replacements = 0
+        self.scanned_chars = 0  # total characters handed to scanners: the work, for tests and stats
+        self.results: list[ScanResult] = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self.pattern or self.sentence or self.final)
+
+    def _limit(self) -> int:
+        if self.buffered:
+            return self.released
+        limit = len(self.text)
+        if self.pattern:
+            limit = min(limit, self.p_scanned - self.overlap)
+        if self.sentence:
+            limit = min(limit, self.s_scanned)
+        return max(self.released, limit)
+
+    async def feed(self, delta: str) -> Step:
+        self.text += delta
+        if self.buffered:
+            return Step(self.released)
+        violation = None
+        if self.pattern and len(self.text) - self.p_scanned >= max(self.step, 1):
+            violation = await self._scan_pattern()
+        if violation is None and self.sentence:
+            end = self._sentence_boundary()
+            if end > self.s_scanned:
+                violation = await self._scan_sentences(end)
+        if violation is not None:
+            return Step(self.released, violation)
+        self.released = self._limit()
+        return Step(self.released)
+
+    async def finish(self) -> Step:
+        """The upstream is done: scan what is left, run the whole-text scanners, release everything."""
+        end = len(self.text)
+        if self.buffered:
+            # Everything was held back: one pass of every scanner over the whole answer.
+            scanners = self.pattern + self.sentence + self.final
+            verdict = await self._scan(scanners, 0, end)
+            if verdict is not None:
+                return Step(self.released, verdict)
+        else:
+            if self.pattern and self.p_scanned < end:
+                v = await self._scan_pattern()
+                if v is not None:
+                    return Step(self.released, v)
+            if self.sentence and self.s_scanned < len(self.text):
+                v = await self._scan_sentences(len(self.text))
+                if v is not None:
+                    return Step(self.released, v)
+            if self.final:
+                v = await self._scan(self.final, 0, len(self.text), sanitize_ok=False)
+                if v is not None:
+                    return Step(self.released, v)
+        self.released = len(self.text)
+        return Step(self.released)
+
+    async def _scan_pattern(self) -> Verdict | None:
+        start = max(self.released, self.p_scanned - self.overlap)
+        end = len(self.text)
+        verdict = await self._scan(self.pattern, start, end)
+        self.p_scanned = len(self.text)
+        return verdict
+
+    def _sentence_boundary(self) -> int:
+        """End of the last complete sentence after s_scanned, or a cut for an over-long run."""
+        tail = self.text[self.s_scanned :]
+        last = -1
+        for m in _SENTENCE_END.finditer(tail):
+            last = m.end()
+        if last > 0:
+            return self.s_scanned + last
+        if len(tail) >= MAX_SENTENCE_WINDOW:
+            cut = tail.rfind(" ", 0, MAX_SENTENCE_WINDOW)
+            return self.s_scanned + (cut + 1 if cut > 0 else MAX_SENTENCE_WINDOW)
+        return self.s_scanned
+
+    async def _scan_sentences(self, end: int) -> Verdict | None:
+        start = max(0, self.s_scanned - self.context)
+        # Context that was already released cannot be changed: sanitizing here would be too late.
+        verdict = await self._scan(self.sentence, start, end, sanitize_ok=start >= self.released)
+        self.s_scanned = end
+        return verdict
+
+    async def _scan(
+        self, scanners: list[GuardScanner], start: int, end: int, sanitize_ok: bool = True
+    ) -> Verdict | None:
+        window = self.text[start:end]
+        self.scanned_chars += len(window) * len(scanners)
+        verdict = await self.engine.scan_window(scanners, window, self.prompt, self.vault)
+        self.results.extend(verdict.results)
+        if verdict.blocked:
+            return verdict
+        if verdict.sanitized:
+            if not sanitize_ok or start < self.released:
+                verdict.blocked = True
+                return verdict
+            self._replace(start, end, verdict.text)
+        return None
+
+    def _replace(self, start: int, end: int, new: str) -> None:
+        delta = len(new) - (end - start)
+        self.text = self.text[:start] + new + self.text[end:]
+        self.sanitized = True
+        self.replacements += 1
+        if self.p_scanned >= end:
+            self.p_scanned += delta
+        if self.s_scanned >= end:
+            self.s_scanned += delta
+        elif self.s_scanned > start:
+            self.s_scanned = start + len(new)

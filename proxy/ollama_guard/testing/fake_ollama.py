@@ -1,0 +1,282 @@
+"""A fake Ollama that speaks Ollama's exact wire formats: native NDJSON and the OpenAI-compatible SSE.
+
+Used by the tests, the benchmarks and the in-cluster e2e. The answer is scripted by the last user text:
+- ``REPLY: <text>``: answer exactly <text> (``\\n`` escapes allowed);
+- ``REPEAT <n>: <text>``: answer <text> repeated n times;
+- anything else: a fixed harmless answer.
+Options ``fake_chunk_chars`` (default 4) sets the stream chunk size; ``fake_delay_ms`` a delay per chunk.
+Every request is recorded (``requests``) so tests can check what reached Ollama.
+
+Run standalone: ``python -m ollama_guard.testing.fake_ollama --port 11434``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+DEFAULT_ANSWER = "The capital of France is Paris. It is known for the Eiffel Tower."
+MODELS = [
+    {
+        "name": "llama3.2:latest",
+        "model": "llama3.2:latest",
+        "modified_at": "2025-01-01T00:00:00.000000000Z",
+        "size": 2019393189,
+        "digest": "a80c4f17acd55265feec403c7aef86be0c25983ab279d83f3bcd3abbcb5b8b72",
+        "details": {"parent_model": "", "format": "gguf", "family": "llama", "families": ["llama"],
+                    "parameter_size": "3.2B", "quantization_level": "Q4_K_M"},
+    }
+]
+
+
+def _created_at() -> str:
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1e9):09d}Z"
+
+
+def script_answer(text: str) -> str:
+    text = text.strip()
+    if text.startswith("REPLY:"):
+        return text[6:].strip().replace("\\n", "\n")
+    if text.startswith("REPEAT"):
+        head, _, body = text.partition(":")
+        n = int(head.split()[1])
+        return body.strip().replace("\\n", "\n") * n
+    return DEFAULT_ANSWER
+
+
+def chunks(text: str, size: int) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)] or [""]
+
+
+class FakeOllama:
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.app = web.Application(client_max_size=64 * 1024 * 1024)
+        r = self.app.router
+        r.add_get("/", self.root)
+        r.add_get("/api/version", self.version)
+        r.add_get("/api/tags", self.tags)
+        r.add_get("/api/ps", self.ps)
+        r.add_post("/api/show", self.show)
+        r.add_post("/api/chat", self.chat)
+        r.add_post("/api/generate", self.generate)
+        r.add_post("/api/embed", self.embed)
+        r.add_post("/api/embeddings", self.embeddings)
+        r.add_post("/api/pull", self.pull)
+        r.add_delete("/api/delete", self.delete)
+        r.add_post("/v1/chat/completions", self.oa_chat)
+        r.add_post("/v1/completions", self.oa_completions)
+        r.add_post("/v1/embeddings", self.oa_embeddings)
+        r.add_get("/v1/models", self.oa_models)
+        self.closed_early = 0  # streams whose client went away before the end
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    # -- lifecycle --
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return f"http://{host}:{self.port}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        body = orjson.loads(await request.read())
+        self.requests.append({"path": request.path, "body": body, "headers": dict(request.headers)})
+        return body
+
+    # -- plain endpoints --
+    async def root(self, request: web.Request) -> web.Response:
+        return web.Response(text="Ollama is running", content_type="text/plain")
+
+    async def version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": "0.12.6"})
+
+    async def tags(self, request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps({"models": MODELS}), content_type="application/json",
+                            headers={"X-Fake": "tags"})
+
+    async def ps(self, request: web.Request) -> web.Response:
+        return web.json_response({"models": []})
+
+    async def show(self, request: web.Request) -> web.Response:
+        await self._body(request)
+        return web.json_response({"modelfile": "FROM llama3.2", "parameters": "", "template": "{{ .Prompt }}",
+                                  "details": MODELS[0]["details"], "capabilities": ["completion"]})
+
+    async def pull(self, request: web.Request) -> web.StreamResponse:
+        await self._body(request)
+        return await self._ndjson(request, [{"status": "pulling manifest"}, {"status": "success"}], 0)
+
+    async def delete(self, request: web.Request) -> web.Response:
+        await self._body(request)
+        return web.Response(status=200)
+
+    # -- native generation --
+    def _model_check(self, body: dict[str, Any]) -> web.Response | None:
+        if body.get("model") == "missing":
+            return web.json_response({"error": "model 'missing' not found"}, status=404)
+        return None
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        if (err := self._model_check(body)) is not None:
+            return err
+        users = [m.get("content", "") for m in body.get("messages", []) if m.get("role") == "user"]
+        answer = script_answer(users[-1] if users else "")
+        opts = body.get("options") or {}
+        base = {"model": body["model"]}
+        final_stats = {"done_reason": "stop", "total_duration": 1234567, "load_duration": 1000,
+                       "prompt_eval_count": 10, "prompt_eval_duration": 1000, "eval_count": len(answer) // 4 + 1,
+                       "eval_duration": 100000}
+        if not body.get("stream", True):
+            return web.Response(body=orjson.dumps({**base, "created_at": _created_at(),
+                                                   "message": {"role": "assistant", "content": answer},
+                                                   "done": True, **final_stats}),
+                                content_type="application/json")
+        parts = [{**base, "created_at": _created_at(), "message": {"role": "assistant", "content": c},
+                  "done": False} for c in chunks(answer, int(opts.get("fake_chunk_chars", 4)))]
+        parts.append({**base, "created_at": _created_at(), "message": {"role": "assistant", "content": ""},
+                      "done": True, **final_stats})
+        return await self._ndjson(request, parts, float(opts.get("fake_delay_ms", 0)))
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        if (err := self._model_check(body)) is not None:
+            return err
+        answer = script_answer(body.get("prompt", ""))
+        opts = body.get("options") or {}
+        base = {"model": body["model"]}
+        final = {"done_reason": "stop", "context": [1, 2, 3], "total_duration": 1234567, "eval_count": 5}
+        if not body.get("stream", True):
+            return web.Response(body=orjson.dumps({**base, "created_at": _created_at(), "response": answer,
+                                                   "done": True, **final}), content_type="application/json")
+        parts = [{**base, "created_at": _created_at(), "response": c, "done": False}
+                 for c in chunks(answer, int(opts.get("fake_chunk_chars", 4)))]
+        parts.append({**base, "created_at": _created_at(), "response": "", "done": True, **final})
+        return await self._ndjson(request, parts, float(opts.get("fake_delay_ms", 0)))
+
+    async def _ndjson(self, request: web.Request, parts: list[dict[str, Any]], delay_ms: float) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        try:
+            for p in parts:
+                await resp.write(orjson.dumps(p) + b"\n")
+                if delay_ms:
+                    await asyncio.sleep(delay_ms / 1000)
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.closed_early += 1
+            raise
+        await resp.write_eof()
+        return resp
+
+    async def embed(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        inputs = body.get("input")
+        n = 1 if isinstance(inputs, str) else len(inputs or [])
+        return web.json_response({"model": body["model"], "embeddings": [[0.1, 0.2, 0.3]] * n,
+                                  "total_duration": 1000, "prompt_eval_count": n})
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        return web.json_response({"embedding": [0.1, 0.2, 0.3], "model": body.get("model")})
+
+    # -- OpenAI compatible --
+    async def oa_chat(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        users = []
+        for m in body.get("messages", []):
+            if m.get("role") != "user":
+                continue
+            c = m.get("content")
+            users.append(c if isinstance(c, str) else " ".join(p.get("text", "") for p in c if p.get("type") == "text"))
+        answer = script_answer(users[-1] if users else "")
+        now = int(time.time())
+        base = {"id": "chatcmpl-123", "created": now, "model": body["model"], "system_fingerprint": "fp_ollama"}
+        if not body.get("stream"):
+            return web.Response(body=orjson.dumps({
+                **base, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                             "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}),
+                content_type="application/json")
+        opts = body.get("fake") or {}
+        events = [{**base, "object": "chat.completion.chunk",
+                   "choices": [{"index": 0, "delta": {"role": "assistant", "content": c}, "finish_reason": None}]}
+                  for c in chunks(answer, int(opts.get("chunk_chars", 4)))]
+        events.append({**base, "object": "chat.completion.chunk",
+                       "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                    "finish_reason": "stop"}]})
+        return await self._sse(request, events)
+
+    async def oa_completions(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        prompt = body.get("prompt")
+        answer = script_answer(prompt if isinstance(prompt, str) else (prompt or [""])[0])
+        base = {"id": "cmpl-123", "created": int(time.time()), "model": body["model"], "system_fingerprint": "fp_ollama"}
+        if not body.get("stream"):
+            return web.Response(body=orjson.dumps({
+                **base, "object": "text_completion",
+                "choices": [{"index": 0, "text": answer, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}),
+                content_type="application/json")
+        events = [{**base, "object": "text_completion", "choices": [{"index": 0, "text": c, "finish_reason": None}]}
+                  for c in chunks(answer, 4)]
+        events.append({**base, "object": "text_completion", "choices": [{"index": 0, "text": "",
+                                                                         "finish_reason": "stop"}]})
+        return await self._sse(request, events)
+
+    async def _sse(self, request: web.Request, events: list[dict[str, Any]]) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            for e in events:
+                await resp.write(b"data: " + orjson.dumps(e) + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.closed_early += 1
+            raise
+        await resp.write_eof()
+        return resp
+
+    async def oa_embeddings(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        inputs = body.get("input")
+        n = 1 if isinstance(inputs, str) else len(inputs)
+        return web.json_response({"object": "list", "model": body["model"],
+                                  "data": [{"object": "embedding", "index": i, "embedding": [0.1, 0.2]} for i in range(n)],
+                                  "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+
+    async def oa_models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "llama3.2:latest", "object": "model",
+                                                              "created": 1735689600, "owned_by": "library"}]})
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=11434)
+    args = ap.parse_args(argv)
+    fake = FakeOllama()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    web.run_app(fake.app, host=args.host, port=args.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""The HTTP client to Ollama: one pooled aiohttp session per process, owned by the app's lifespan.
+
+aiohttp was measured against httpx for this job (bench/upstream_clients.py): its pool holds up under
+concurrency where httpx's collapses, and it is already a dependency of kopf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping
+
+import aiohttp
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+
+
+class UpstreamError(Exception):
+    def __init__(self, status: int, kind: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+        self.message = message
+
+
+def forward_headers(headers: Iterable[tuple[str, str]], drop: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+    out = []
+    for k, v in headers:
+        lk = k.lower()
+        if lk in HOP_BY_HOP or lk in drop:
+            continue
+        out.append((k, v))
+    return out
+
+
+def response_headers(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    return [(k, v) for k, v in items if k.lower() not in HOP_BY_HOP]
+
+
+class Upstream:
+    def __init__(self, base_url: str, connect_timeout: float, read_timeout: float, pool_size: int = 512):
+        self.base_url = base_url.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout)
+        self._pool_size = pool_size
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=self._pool_size, limit_per_host=self._pool_size,
+                                         keepalive_timeout=30, ttl_dns_cache=60)
+        # Bodies are relayed as Ollama sent them; guarded routes ask for identity encoding.
+        self.session = aiohttp.ClientSession(
+            connector=connector, timeout=self._timeout, auto_decompress=False, skip_auto_headers=("User-Agent",)
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def open(
+        self, method: str, path: str, headers: list[tuple[str, str]], body: bytes | None
+    ) -> aiohttp.ClientResponse:
+        """Send the request and return once the response headers arrived. The caller releases it."""
+        assert self.session is not None
+        try:
+            return await self.session.request(
+                method, self.base_url + path, headers=headers, data=body, allow_redirects=False
+            )
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamError(502, "connect", f"cannot reach Ollama at {self.base_url}: {exc.os_error}") from None
+        except (TimeoutError, asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            raise UpstreamError(504, "timeout", "Ollama did not answer in time") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(502, "protocol", f"bad response from Ollama: {type(exc).__name__}") from None
+
+    async def health(self) -> tuple[bool, float | None]:
+        """Ollama answers GET / with 200: (reachable, seconds)."""
+        assert self.session is not None
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            async with self.session.get(self.base_url + "/", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                await r.read()
+                return r.status == 200, loop.time() - started
+        except (aiohttp.ClientError, TimeoutError, asyncio.TimeoutError):
+            return False, None

@@ -149,7 +149,7 @@ cmd_start() {
     if ((SECONDS >= deadline)); then
       die "no answer on $(health_url) after ${START_TIMEOUT}s (pid ${pid} still running; log: ${LOG_FILE})"
     fi
-    sleep 1
+    sleep 0.5
   done
   echo "started (pid ${pid}, device ${LLM_GUARD_DEVICE}): $(health_url)"
 }
@@ -197,10 +197,9 @@ cmd_status() {
   return 3
 }
 
+# sed, not ${s//&/...}: bash 5.2 gives & a meaning there, and macOS ships bash 3.2.
 xml_escape() {
-  local s="$1"
-  s="${s//&/&amp;}"; s="${s//</&lt;}"; s="${s//>/&gt;}"
-  printf '%s' "${s}"
+  printf '%s' "$1" | sed -e 's/&/\&amp;/g' -e 's/</\&lt;/g' -e 's/>/\&gt;/g'
 }
 
 cmd_plist() {

@@ -34,6 +34,11 @@ class ModelRef(_Section):
     revision: str | None = None
     onnx: bool = False
     max_length: int = Field(512, ge=8, le=8192)
+    # Cross-request batching: up to batch_size concurrent texts share one forward pass, waiting at most
+    # batch_wait_ms for company. Long texts are split into windows so the whole text is seen.
+    batch_size: int = Field(16, ge=1, le=512)
+    batch_wait_ms: float = Field(2.0, ge=0, le=100)
+    windows: Literal["head_tail", "chunks", "truncate"] = "head_tail"
 
 
 class ScannerConfig(_Section):

@@ -5,7 +5,9 @@ handlers.py wires these to kopf; tests may call them directly.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,9 +30,13 @@ CHILD_KINDS: list[tuple[str, str]] = [
     ("apps/v1", "Deployment"),
     ("policy/v1", "PodDisruptionBudget"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"),
-    ("discovery.k8s.io/v1", "EndpointSlice"),
 ]
 SERVICE_MONITOR = ("monitoring.coreos.com/v1", "ServiceMonitor")
+
+
+# EndpointSlices have two triggers (the GuardProxy's reconcile, any ScanNode event): one writer at a time
+# per GuardProxy, each reading the nodes afresh, so a stale reader never undoes a newer write.
+_slice_locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
 
 
 class MissingDependency(Exception):
@@ -95,21 +101,23 @@ async def reconcile_guardproxy(kube: Kube, body: dict[str, Any]) -> Result:
     spec = parse_guardproxy(body.get("spec") or {})
     await _check_secrets(kube, owner, spec)
     caps = await capabilities(kube)
-    healthy, total = await scan_nodes(kube, owner)
-    desired = builders.desired(owner, spec, caps, redis_password=secrets.token_urlsafe(24), nodes=healthy)
+    desired = builders.desired(owner, spec, caps, redis_password=secrets.token_urlsafe(24))
     selector = builders.owned_selector(owner)
 
     outcome = Outcome()
     kinds = list(CHILD_KINDS) + ([SERVICE_MONITOR] if caps.service_monitors else [])
     for api_version, kind in kinds:
         outcome.merge(await apply_kind(kube, api_version, kind, owner.namespace, selector, desired))
-    return Result(outcome, guardproxy_status(body, owner, spec, caps, outcome, healthy=len(healthy), total=total))
+    nodes = await sync_scan_nodes(kube, owner.namespace, owner.name, gp=body)
+    if nodes is not None:
+        outcome.merge(nodes)
+    return Result(outcome, guardproxy_status(body, owner, spec, caps, outcome))
 
 
 def guardproxy_status(
     body: dict[str, Any], owner: Owner, spec: GuardProxySpec, caps: Capabilities, outcome: Outcome,
-    *, healthy: int, total: int,
 ) -> dict[str, Any]:
+    """Everything in status but externalNodes, which sync_scan_nodes keeps."""
     generation = body.get("metadata", {}).get("generation")
     variants: dict[str, Any] = {}
     waiting: list[str] = []
@@ -158,7 +166,6 @@ def guardproxy_status(
             "the monitoring.coreos.com API is not served: no ServiceMonitor created", generation)
         sm_state = "APINotAvailable"
 
-    changed = outcome.changed
     conditions = [
         status.condition(status.READY, not waiting, "AllReady" if not waiting else "Waiting",
                          "all variants and Redis are ready" if not waiting else "; ".join(waiting), generation),
@@ -168,7 +175,6 @@ def guardproxy_status(
         status.condition(status.DEGRADED, False, "Reconciled", "the last reconcile succeeded", generation),
         monitoring,
     ]
-    del changed
     old = body.get("status") or {}
     return {
         "observedGeneration": generation,
@@ -176,7 +182,6 @@ def guardproxy_status(
         "variants": variants,
         "redis": redis,
         "monitoring": {"serviceMonitor": sm_state},
-        "externalNodes": _nodes_status(healthy, total),
         "serviceURL": builders.service_url(owner, spec),
     }
 
@@ -195,15 +200,24 @@ def failed_status(body: dict[str, Any], reason: str, message: str) -> dict[str, 
                                                                                     conditions) + keep}
 
 
-async def sync_scan_nodes(kube: Kube, namespace: str, guardproxy: str) -> Outcome | None:
+async def sync_scan_nodes(
+    kube: Kube, namespace: str, guardproxy: str, *, gp: dict[str, Any] | None = None
+) -> Outcome | None:
     """Make the GuardProxy's ScanNode EndpointSlices list exactly its healthy nodes; update its node counts."""
-    try:
-        gp = await kube.get("ollama-guard.io/v1alpha1", "GuardProxy", namespace, guardproxy)
-    except NotFound:
-        return None  # no Service to attach to; the GuardProxy's own reconcile will do it when it exists
-    if gp.get("metadata", {}).get("deletionTimestamp"):
-        return None
+    async with _slice_locks[(namespace, guardproxy)]:
+        if gp is None:
+            try:
+                gp = await kube.get("ollama-guard.io/v1alpha1", "GuardProxy", namespace, guardproxy)
+            except NotFound:
+                return None  # no Service to attach to; the GuardProxy's reconcile does it once it exists
+        if gp.get("metadata", {}).get("deletionTimestamp"):
+            return None
+        return await _sync_scan_nodes(kube, gp)
+
+
+async def _sync_scan_nodes(kube: Kube, gp: dict[str, Any]) -> Outcome:
     owner = owner_of(gp)
+    namespace, guardproxy = owner.namespace, owner.name
     healthy, total = await scan_nodes(kube, owner)
     outcome = await apply_kind(
         kube, "discovery.k8s.io/v1", "EndpointSlice", namespace, builders.owned_selector(owner),

@@ -45,6 +45,31 @@ def get_condition(status: dict[str, Any] | None, type_: str) -> dict[str, Any] |
 
 
 def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
-    """The top-level status keys whose values differ (empty when nothing changed)."""
+    """A JSON merge patch from `old` to `new` for the keys `new` owns (empty when nothing changed).
+
+    Keys of nested objects that `new` no longer has are set to None (removed), e.g. a disabled variant.
+    """
     old = old or {}
-    return {k: v for k, v in new.items() if old.get(k) != v}
+    out: dict[str, Any] = {}
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, dict) and isinstance(before, dict):
+            sub = _diff(before, value)
+            if sub:
+                out[key] = sub
+        elif before != value:
+            out[key] = value
+    return out
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {k: None for k in old.keys() - new.keys()}
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, dict) and isinstance(before, dict):
+            sub = _diff(before, value)
+            if sub:
+                out[key] = sub
+        elif before != value:
+            out[key] = value
+    return out

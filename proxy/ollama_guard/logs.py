@@ -59,10 +59,10 @@ def configure(level: str = "INFO", json_format: bool = True) -> None:
     logging.getLogger("llm_guard").setLevel(logging.ERROR)
     for noisy in ("presidio-analyzer", "transformers", "urllib3", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    _quiet_structlog()
+    quiet_llm_guard()
 
 
-def _quiet_structlog() -> None:
+def quiet_llm_guard() -> None:
     """llm-guard's structlog logger prints each detection (with secret types) to stdout; route it to logging."""
     try:
         import structlog

@@ -275,6 +275,9 @@ def _fingerprint(direction: str, scanners: list[GuardScanner], settings: Setting
 
 
 def build_policy(settings: Settings) -> Policy:
+    from ..logs import quiet_llm_guard
+
+    quiet_llm_guard()
     device_box: list[DeviceChoice] = []
 
     def device_fn() -> DeviceChoice:

@@ -306,6 +306,10 @@ class Handlers:
         assert st.engine is not None and st.validator is not None and st.upstream is not None
         raw = await read_body(request, s.limits.max_body_bytes, s.limits.body_read_timeout)
         req = st.validator.parse(raw, route)
+        assert st.policy is not None
+        if st.policy.missing_required():
+            # Fail closed before anything is forwarded: a required guard is not there.
+            raise GuardUnavailable(", ".join(x.name for x in st.policy.missing_required()))
         started = time.perf_counter()
         vault = _new_vault() if st.policy is not None and st.policy.needs_vault() else None
         in_verdicts: list[Verdict] = []

@@ -1,0 +1,83 @@
+"""The incremental streaming scanner: release only what passed, catch splits, linear work."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ollama_guard.scanning.engine import ScanEngine
+from ollama_guard.scanning.policy import build_policy
+from ollama_guard.scanning.stream import StreamGuard
+from ollama_guard.settings import load_settings
+
+from .policies import AWS, BANNED_OUT, pure
+
+
+@pytest.fixture(scope="module")
+def engine():
+    settings = load_settings(overrides=pure(), environ={})
+    eng = ScanEngine(build_policy(settings), settings)
+    yield eng
+    eng.close()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def feed_all(guard: StreamGuard, text: str, size: int):
+    released_history = []
+    for i in range(0, len(text), size):
+        step = await guard.feed(text[i : i + size])
+        released_history.append(guard.text[: step.release_to])
+        if step.violation:
+            return released_history, step
+    step = await guard.finish()
+    released_history.append(guard.text[: step.release_to])
+    return released_history, step
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 13, 64, 500])
+def test_violation_split_across_chunks_is_caught_before_any_of_it_is_released(engine, size):
+    text = "x " * 150 + BANNED_OUT + " tail text " * 10
+    guard = StreamGuard(engine, engine.settings)
+    history, step = run(feed_all(guard, text, size))
+    assert step.violation is not None and "BanSubstrings" in step.violation.blocked_by
+    for released in history:
+        assert "FORBIDDEN" not in released and not BANNED_OUT.startswith(released[-3:] or "#")
+
+
+@pytest.mark.parametrize("size", [1, 4, 9])
+def test_text_is_released_only_after_it_passed_and_all_of_it_at_the_end(engine, size):
+    text = "A calm sentence about gardening. " * 40
+    guard = StreamGuard(engine, engine.settings)
+    history, step = run(feed_all(guard, text, size))
+    assert step.violation is None
+    # Released text only grows, trails the received text by the hold-back, and ends complete.
+    for earlier, later in zip(history, history[1:]):
+        assert later.startswith(earlier)
+    assert history[-1] == text
+    assert any(0 < len(h) < len(text) for h in history), "text was released progressively"
+
+
+def test_secret_in_stream_is_redacted_before_release(engine):
+    text = "Your credentials are ready. The key is " + AWS + " and it works. " + "More prose follows. " * 20
+    guard = StreamGuard(engine, engine.settings)
+    history, step = run(feed_all(guard, text, 3))
+    assert step.violation is None
+    assert all(AWS not in h and "AKIA" not in h for h in history)
+    assert "******" in history[-1] and history[-1].endswith("More prose follows. ")
+
+
+@pytest.mark.parametrize("size", [1, 4])
+def test_scan_work_grows_linearly_with_answer_length(engine, size):
+    work = {}
+    for n in (1_000, 4_000, 16_000):
+        text = ("lorem ipsum dolor sit amet " * (n // 27 + 1))[:n]
+        guard = StreamGuard(engine, engine.settings)
+        run(feed_all(guard, text, size))
+        work[n] = guard.scanned_chars / n
+    # Characters scanned per character of answer stay bounded (a quadratic scanner would grow 16x).
+    assert max(work.values()) <= 1.25 * min(work.values())
+    assert max(work.values()) < 12

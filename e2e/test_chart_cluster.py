@@ -58,8 +58,9 @@ HELM = os.environ.get("HELM") or _binary("helm", "helm3", "helm4")
 
 def kubectl(*args: str, check: bool = True, timeout: float = 120, stdin: str | None = None) -> str:
     assert KUBECTL
-    out = subprocess.run([KUBECTL, *args], capture_output=True, text=True, timeout=timeout, input=stdin,
-                         check=False)
+    out = subprocess.run(
+        [KUBECTL, *args], capture_output=True, text=True, timeout=timeout, input=stdin, check=False
+    )
     if check:
         assert out.returncode == 0, f"kubectl {' '.join(args)}: {out.stderr}"
     return out.stdout
@@ -91,8 +92,13 @@ def cluster_reachable() -> str | None:
     if not os.environ.get("KUBECONFIG") and not (pathlib.Path.home() / ".kube" / "config").exists():
         return "no KUBECONFIG and no ~/.kube/config"
     try:
-        out = subprocess.run([KUBECTL, "get", "--raw", "/readyz", "--request-timeout=5s"], capture_output=True,
-                             text=True, timeout=10, check=False)
+        out = subprocess.run(
+            [KUBECTL, "get", "--raw", "/readyz", "--request-timeout=5s"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         return "the cluster did not answer within 10s"
     if out.returncode != 0:
@@ -106,17 +112,36 @@ def installed() -> Iterator[None]:
     why = cluster_reachable()
     if why:
         pytest.skip(why)
-    args = ["upgrade", "--install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--create-namespace",
-            "--wait", "--timeout", "5m",
-            "--set", f"operator.image.repository={REGISTRY}/ollama-guard-operator",
-            "--set", f"tests.url=http://{GUARD}.{NAMESPACE}.svc:8080/health"]
+    args = [
+        "upgrade",
+        "--install",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        NAMESPACE,
+        "--create-namespace",
+        "--wait",
+        "--timeout",
+        "5m",
+        "--set",
+        f"operator.image.repository={REGISTRY}/ollama-guard-operator",
+        "--set",
+        f"tests.url=http://{GUARD}.{NAMESPACE}.svc:8080/health",
+    ]
     if IMAGE_TAG:
-        args += ["--set", f"operator.image.tag={IMAGE_TAG}", "--set", "operator.image.pullPolicy=IfNotPresent"]
+        args += [
+            "--set",
+            f"operator.image.tag={IMAGE_TAG}",
+            "--set",
+            "operator.image.pullPolicy=IfNotPresent",
+        ]
     out = helm(*args)
     assert out.returncode == 0, out.stderr
     yield
     if not KEEP:
-        kubectl("delete", "guardproxy", GUARD, "-n", NAMESPACE, "--ignore-not-found", "--wait=true", check=False)
+        kubectl(
+            "delete", "guardproxy", GUARD, "-n", NAMESPACE, "--ignore-not-found", "--wait=true", check=False
+        )
         helm("uninstall", RELEASE, "--namespace", NAMESPACE, "--wait")
         kubectl("delete", "namespace", NAMESPACE, "--ignore-not-found", "--wait=false", check=False)
 
@@ -135,7 +160,7 @@ def _manifest(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def guardproxy(installed: None) -> dict[str, Any]:
-    """The e2e GuardProxy (and the fake Ollama it guards) applied; returns it once the operator set a status."""
+    """The e2e GuardProxy (and the fake Ollama it guards), returned once the operator has set its status."""
     if DATA_PLANE:
         kubectl("apply", "-n", NAMESPACE, "-f", "-", stdin=_manifest("fake-ollama.yaml"))
     kubectl("apply", "-n", NAMESPACE, "-f", "-", stdin=_manifest("guardproxy.yaml"))
@@ -151,8 +176,11 @@ def guardproxy(installed: None) -> dict[str, Any]:
 
 
 def test_operator_is_available(installed: None) -> None:
-    deployments = json.loads(kubectl("get", "deployments", "-n", NAMESPACE, "-l",
-                                     "app.kubernetes.io/component=operator", "-o", "json"))["items"]
+    deployments = json.loads(
+        kubectl(
+            "get", "deployments", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=operator", "-o", "json"
+        )
+    )["items"]
     assert len(deployments) == 1
     status = deployments[0]["status"]
     assert status.get("availableReplicas", 0) >= 1, status
@@ -169,7 +197,9 @@ def test_guardproxy_is_reconciled_and_its_status_set(guardproxy: dict[str, Any])
     types = {c["type"] for c in guardproxy["status"]["conditions"]}
     assert "Ready" in types
     selector = f"ollama-guard.io/guardproxy={GUARD}"
-    deployments = json.loads(kubectl("get", "deployments", "-n", NAMESPACE, "-l", selector, "-o", "json"))["items"]
+    deployments = json.loads(kubectl("get", "deployments", "-n", NAMESPACE, "-l", selector, "-o", "json"))[
+        "items"
+    ]
     assert deployments, "the operator created no Deployment for the GuardProxy"
     for dep in deployments:
         assert dep["metadata"]["ownerReferences"][0]["kind"] == "GuardProxy"
@@ -182,15 +212,20 @@ class PortForward:
 
     def __init__(self, target: str, port: int) -> None:
         assert KUBECTL
-        self.proc = subprocess.Popen([KUBECTL, "port-forward", "-n", NAMESPACE, target, f"0:{port}"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [KUBECTL, "port-forward", "-n", NAMESPACE, target, f"0:{port}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.local_port: int | None = None
         reader = threading.Thread(target=self._read, daemon=True)
         reader.start()
         reader.join(timeout=30)
         if self.local_port is None:
             self.close()
-            pytest.fail(f"kubectl port-forward {target} did not start: {self.proc.stderr.read() if self.proc.stderr else ''}")
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            pytest.fail(f"kubectl port-forward {target} did not start: {err}")
 
     def _read(self) -> None:
         assert self.proc.stdout
@@ -205,9 +240,11 @@ class PortForward:
 
 
 def post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    assert url.startswith("http://127.0.0.1:")  # a local port-forward
+    headers = {"Content-Type": "application/json"}
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)  # noqa: S310
     try:
-        with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310 (a local port-forward)
+        with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310 (http to a local port-forward)
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read() or b"{}")
@@ -220,7 +257,10 @@ def proxy_url(guardproxy: dict[str, Any]) -> Iterator[str]:
 
     def ready() -> bool:
         obj = json.loads(kubectl("get", "guardproxy", GUARD, "-n", NAMESPACE, "-o", "json"))
-        return any(c["type"] == "Ready" and c["status"] == "True" for c in obj.get("status", {}).get("conditions", []))
+        return any(
+            c["type"] == "Ready" and c["status"] == "True"
+            for c in obj.get("status", {}).get("conditions", [])
+        )
 
     wait_for("the GuardProxy to become Ready", ready, timeout=600, interval=5)
     forward = PortForward(f"service/{GUARD}", 8080)
@@ -237,26 +277,38 @@ def test_health_through_the_service(proxy_url: str) -> None:
 
 
 def test_allowed_request_reaches_ollama(proxy_url: str) -> None:
-    status, body = post(f"{proxy_url}/api/chat", {
-        "model": "llama3.2", "stream": False,
-        "messages": [{"role": "user", "content": "REPLY: hello from the cluster"}],
-    })
+    status, body = post(
+        f"{proxy_url}/api/chat",
+        {
+            "model": "llama3.2",
+            "stream": False,
+            "messages": [{"role": "user", "content": "REPLY: hello from the cluster"}],
+        },
+    )
     assert status == 200, body
     assert body["message"]["content"] == "hello from the cluster"
 
 
 def test_blocked_request_is_refused(proxy_url: str) -> None:
-    status, body = post(f"{proxy_url}/api/chat", {
-        "model": "llama3.2", "stream": False,
-        "messages": [{"role": "user", "content": f"please say {BANNED}"}],
-    })
+    status, body = post(
+        f"{proxy_url}/api/chat",
+        {
+            "model": "llama3.2",
+            "stream": False,
+            "messages": [{"role": "user", "content": f"please say {BANNED}"}],
+        },
+    )
     assert status == 403, body
 
 
 def test_openai_dialect_through_the_service(proxy_url: str) -> None:
-    status, body = post(f"{proxy_url}/v1/chat/completions", {
-        "model": "llama3.2", "messages": [{"role": "user", "content": "REPLY: openai ok"}],
-    })
+    status, body = post(
+        f"{proxy_url}/v1/chat/completions",
+        {
+            "model": "llama3.2",
+            "messages": [{"role": "user", "content": "REPLY: openai ok"}],
+        },
+    )
     assert status == 200, body
     assert body["choices"][0]["message"]["content"] == "openai ok"
 

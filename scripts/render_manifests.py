@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
 """Keep the packaging copies in step with their sources; one source of truth for each file.
 
-  operator/ollama_guard_operator/crds/*.yaml  -> charts/ollama-guard/crds/, manifests/crds/
-  operator/ollama_guard_operator/rbac.yaml    -> charts/ollama-guard/files/operator-rules.yaml
-  deploy/prometheus/{alerts.yml,adapter-rules.yaml}, deploy/grafana/dashboards/ollama-guard.json
-                                              -> charts/ollama-guard/files/
-  the chart, default values, release `ollama-guard` in namespace `ollama-guard`
-                                              -> manifests/operator.yaml (needs helm)
+operator/ollama_guard_operator/crds/*.yaml  -> charts/ollama-guard/crds/, manifests/crds/
+operator/ollama_guard_operator/rbac.yaml    -> charts/ollama-guard/files/operator-rules.yaml
+deploy/prometheus/{alerts.yml,adapter-rules.yaml}, deploy/grafana/dashboards/ollama-guard.json
+                                            -> charts/ollama-guard/files/
+the chart, default values, release `ollama-guard` in namespace `ollama-guard`
+                                            -> manifests/operator.yaml (needs helm)
 
-  python scripts/render_manifests.py          write the copies and manifests/operator.yaml
-  python scripts/render_manifests.py --check  exit 1 and name each stale file; write nothing
+python scripts/render_manifests.py          write the copies and manifests/operator.yaml
+python scripts/render_manifests.py --check  exit 1 and name each stale file; write nothing
 """
 
 from __future__ import annotations
@@ -50,14 +50,18 @@ def copies() -> dict[Path, Path]:
     out[files / "operator-rules.yaml"] = OPERATOR_PKG / "rbac.yaml"
     out[files / "alerts.yml"] = ROOT / "deploy" / "prometheus" / "alerts.yml"
     out[files / "adapter-rules.yaml"] = ROOT / "deploy" / "prometheus" / "adapter-rules.yaml"
-    out[files / "dashboards" / "ollama-guard.json"] = ROOT / "deploy" / "grafana" / "dashboards" / "ollama-guard.json"
+    out[files / "dashboards" / "ollama-guard.json"] = (
+        ROOT / "deploy" / "grafana" / "dashboards" / "ollama-guard.json"
+    )
     return out
 
 
 def extra_copies() -> list[Path]:
     """Copies whose source is gone (a CRD removed from the operator)."""
     wanted = set(copies())
-    return [p for d in (CHART / "crds", MANIFESTS / "crds") for p in sorted(d.glob("*.yaml")) if p not in wanted]
+    return [
+        p for d in (CHART / "crds", MANIFESTS / "crds") for p in sorted(d.glob("*.yaml")) if p not in wanted
+    ]
 
 
 def find_helm() -> str:
@@ -79,7 +83,9 @@ def render_operator(helm: str) -> str:
     """The chart's default objects (CRDs and tests aside) as plain manifests."""
     out = subprocess.run(
         [helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--skip-tests"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     docs = [_strip_helm_labels(d) for d in yaml.safe_load_all(out) if d]
     body = "---\n".join(yaml.safe_dump(d, sort_keys=False, default_flow_style=False, width=120) for d in docs)

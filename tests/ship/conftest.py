@@ -56,8 +56,9 @@ def _template(helm: str, args: tuple[str, ...]) -> subprocess.CompletedProcess[s
     return subprocess.run([helm, "template", *args], capture_output=True, text=True, timeout=60, check=False)
 
 
-def template(helm: str, *values: str, release: str = "og", namespace: str = "guard",
-             extra: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+def template(
+    helm: str, *values: str, release: str = "og", namespace: str = "guard", extra: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
     """Render the chart (CRDs and test hooks included) with tests/ship/values/<name>.yaml files."""
     args: list[str] = [release, str(CHART), "--namespace", namespace, "--include-crds", *extra]
     for name in values:

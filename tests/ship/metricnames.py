@@ -63,9 +63,13 @@ def alert_queries() -> list[str]:
 def adapter_queries() -> list[str]:
     rules = yaml.safe_load(ADAPTER_RULES.read_text())["rules"]
     # The adapter's own output name (`as`) is a custom-metrics API name, not a Prometheus series.
-    return [s for rule in rules for key in ("seriesQuery", "metricsQuery", "name")
-            for s in _strings(rule.get(key, {}) if key == "name" else rule.get(key, ""))
-            if not (key == "name" and s == rule["name"].get("as"))]
+    return [
+        s
+        for rule in rules
+        for key in ("seriesQuery", "metricsQuery", "name")
+        for s in _strings(rule.get(key, {}) if key == "name" else rule.get(key, ""))
+        if not (key == "name" and s == rule["name"].get("as"))
+    ]
 
 
 def names_in(queries: Iterable[str]) -> set[str]:

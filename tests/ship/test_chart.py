@@ -83,10 +83,16 @@ def test_helm3_and_helm4_render_the_same(values: str) -> None:
 def test_defaults_install_only_the_operator_and_its_crds(helm: str) -> None:
     docs = template(helm)
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == sorted(["CustomResourceDefinition"] * 3 + ["ServiceAccount", "ClusterRole",
-                                                               "ClusterRoleBinding", "Deployment"])
+    assert kinds == sorted(
+        ["CustomResourceDefinition"] * 3
+        + ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"]
+    )
     crds = {d["metadata"]["name"] for d in by_kind(docs, "CustomResourceDefinition")}
-    assert crds == {"guardproxies.ollama-guard.io", "scannodes.ollama-guard.io", "clusterkopfpeerings.kopf.dev"}
+    assert crds == {
+        "guardproxies.ollama-guard.io",
+        "scannodes.ollama-guard.io",
+        "clusterkopfpeerings.kopf.dev",
+    }
 
     dep = one(docs, "Deployment")
     assert dep["metadata"]["name"] == "og-ollama-guard-operator"
@@ -108,7 +114,9 @@ def test_defaults_install_only_the_operator_and_its_crds(helm: str) -> None:
     sa = one(docs, "ServiceAccount")
     assert pod["spec"]["serviceAccountName"] == sa["metadata"]["name"]
     binding = one(docs, "ClusterRoleBinding")
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "guard"}]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "guard"}
+    ]
     role = one(docs, "ClusterRole")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert role["rules"] == load_yaml(ROOT / "operator" / "ollama_guard_operator" / "rbac.yaml")
@@ -156,7 +164,9 @@ def test_monitoring_pieces_ship_the_deploy_files(helm: str) -> None:
 
     adapter = configmaps["og-ollama-guard-adapter-rules"]
     assert adapter["metadata"]["namespace"] == "monitoring"
-    assert yaml.safe_load(adapter["data"]["config.yaml"]) == load_yaml(ROOT / "deploy/prometheus/adapter-rules.yaml")
+    assert yaml.safe_load(adapter["data"]["config.yaml"]) == load_yaml(
+        ROOT / "deploy/prometheus/adapter-rules.yaml"
+    )
 
 
 def test_operator_ha_values(helm: str) -> None:
@@ -180,7 +190,9 @@ def test_rbac_and_service_account_can_be_left_out(helm: str) -> None:
     docs = template(helm, "no-rbac")
     assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
     assert not by_kind(docs, "ServiceAccount") and not by_kind(docs, "Pod")
-    assert one(docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "preexisting-operator-sa"
+    assert (
+        one(docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "preexisting-operator-sa"
+    )
 
 
 @pytest.mark.parametrize("bad", BAD_VALUES)

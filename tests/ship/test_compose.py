@@ -53,7 +53,9 @@ def test_compose_file_references_only_existing_files(path: Path) -> None:
             dockerfile = context / build.get("dockerfile", "Dockerfile")
             assert dockerfile.is_file(), f"{name}: {dockerfile} missing"
             if "target" in build:
-                assert build["target"] in dockerfile_targets(dockerfile), f"{name}: no stage {build['target']}"
+                assert build["target"] in dockerfile_targets(dockerfile), (
+                    f"{name}: no stage {build['target']}"
+                )
         for source in _bind_sources(svc):
             assert (ROOT / source).exists(), f"{name}: bind mount source {source} missing"
         for env_file in svc.get("env_file", []):
@@ -76,7 +78,7 @@ def test_services_are_non_root_read_only_and_without_privileges() -> None:
         assert svc.get("cap_drop") == ["ALL"], name
         assert "no-new-privileges:true" in svc.get("security_opt", []), name
     assert svcs["proxy"]["user"] == "10001:10001"  # the image's uid (docs/CONTRACTS.md)
-    assert "/tmp" in svcs["proxy"]["tmpfs"]
+    assert "/tmp" in svcs["proxy"]["tmpfs"]  # noqa: S108 (a tmpfs inside the container)
 
 
 def test_ports_are_bound_to_localhost_unless_the_user_opts_in() -> None:
@@ -120,8 +122,11 @@ def test_prometheus_and_grafana_get_the_project_files() -> None:
     prom = [v.split(":")[0] for v in svcs["prometheus"]["volumes"]]
     assert {"./deploy/prometheus/prometheus.yml", "./deploy/prometheus/alerts.yml"} <= set(prom)
     graf = [v.split(":")[0] for v in svcs["grafana"]["volumes"]]
-    assert {"./deploy/grafana/provisioning/datasources", "./deploy/grafana/provisioning/dashboards",
-            "./deploy/grafana/dashboards"} <= set(graf)
+    assert {
+        "./deploy/grafana/provisioning/datasources",
+        "./deploy/grafana/provisioning/dashboards",
+        "./deploy/grafana/dashboards",
+    } <= set(graf)
 
 
 def test_ollama_is_optional_behind_a_profile_and_the_host_is_the_default() -> None:
@@ -142,12 +147,21 @@ def _compose(*args: str) -> subprocess.CompletedProcess[str]:
     binary = tool("docker-compose")
     if binary is None:
         pytest.skip("docker-compose not installed (run: python scripts/fetch_tools.py)")
-    return subprocess.run([binary, "--project-directory", str(ROOT), "--env-file", str(ENV_EXAMPLE), *args],
-                          capture_output=True, text=True, timeout=60, check=False, cwd=ROOT)
+    return subprocess.run(
+        [binary, "--project-directory", str(ROOT), "--env-file", str(ENV_EXAMPLE), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=ROOT,
+    )
 
 
-@pytest.mark.parametrize("files", [("docker-compose.yml",), ("docker-compose.yml", "docker-compose.macos.yml")],
-                         ids=["linux", "macos"])
+@pytest.mark.parametrize(
+    "files",
+    [("docker-compose.yml",), ("docker-compose.yml", "docker-compose.macos.yml")],
+    ids=["linux", "macos"],
+)
 def test_docker_compose_config_accepts_the_files(files: tuple[str, ...]) -> None:
     args = [a for f in files for a in ("-f", str(ROOT / f))]
     out = _compose(*args, "--profile", "ollama", "config", "--format", "yaml")
@@ -164,8 +178,24 @@ def test_docker_compose_refuses_to_start_without_passwords(tmp_path: Path) -> No
     binary = tool("docker-compose")
     if binary is None:
         pytest.skip("docker-compose not installed (run: python scripts/fetch_tools.py)")
-    out = subprocess.run([binary, "--project-directory", str(ROOT), "--env-file", str(empty_env), "-f",
-                          str(COMPOSE), "config", "-q"], capture_output=True, text=True, timeout=60, check=False,
-                         cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [
+            binary,
+            "--project-directory",
+            str(ROOT),
+            "--env-file",
+            str(empty_env),
+            "-f",
+            str(COMPOSE),
+            "config",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     assert out.returncode != 0
     assert "PASSWORD" in out.stderr

@@ -17,7 +17,9 @@ from conftest import CHART, ROOT, load_yaml, require, tool
 
 DOC = ROOT / "docs" / "DEPLOY.md"
 E2E = (ROOT / "e2e" / "run_kind.sh").read_text() + (ROOT / "e2e" / "test_chart_cluster.py").read_text()
-EXAMPLES = {load_yaml(p)["metadata"]["name"]: load_yaml(p) for p in (ROOT / "manifests" / "examples").glob("*.yaml")}
+EXAMPLES = {
+    load_yaml(p)["metadata"]["name"]: load_yaml(p) for p in (ROOT / "manifests" / "examples").glob("*.yaml")
+}
 
 
 def commands() -> list[list[str]]:
@@ -73,8 +75,13 @@ def check_helm(cmd: list[str]) -> None:
         return
     assert chart == "charts/ollama-guard", cmd
     flags = [f for f in flags if f not in ("--create-namespace", "--wait")]
-    out = subprocess.run([require("helm3"), "template", release, str(CHART), *flags], capture_output=True,
-                         text=True, timeout=60, check=False)
+    out = subprocess.run(
+        [require("helm3"), "template", release, str(CHART), *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
 
 
@@ -85,8 +92,12 @@ def check_kubectl(cmd: list[str]) -> None:
         if "-k" in args:
             target = args[args.index("-k") + 1]
             kubectl = require("kubectl")
-            assert subprocess.run([kubectl, "kustomize", str(ROOT / target)], capture_output=True,
-                                  check=False).returncode == 0
+            assert (
+                subprocess.run(
+                    [kubectl, "kustomize", str(ROOT / target)], capture_output=True, check=False
+                ).returncode
+                == 0
+            )
         else:
             assert (ROOT / args[args.index("-f") + 1]).is_file()
     elif verb == "wait":
@@ -98,7 +109,10 @@ def check_kubectl(cmd: list[str]) -> None:
     elif verb == "port-forward":
         assert args[1].removeprefix("service/") in guardproxy_names()
     elif verb == "get" and args[1] == "crd":
-        crds = {load_yaml(p)["metadata"]["name"] for p in (ROOT / "operator/ollama_guard_operator/crds").glob("*.yaml")}
+        crds = {
+            load_yaml(p)["metadata"]["name"]
+            for p in (ROOT / "operator/ollama_guard_operator/crds").glob("*.yaml")
+        }
         assert set(args[2:]) <= crds
     elif verb == "get" and args[1] == "--raw":
         path = args[2]
@@ -139,15 +153,22 @@ def check(cmd: list[str]) -> None:
         target = cmd[cmd.index("--target") + 1]
         assert re.search(rf"^FROM .* AS {target}$", (ROOT / "Dockerfile").read_text(), re.M)
         image = cmd[cmd.index("-t") + 1]
-        expected = {"proxy": "ghcr.io/ollama-guard/ollama-guard:", "operator": "ghcr.io/ollama-guard/ollama-guard-operator:"}
+        expected = {
+            "proxy": "ghcr.io/ollama-guard/ollama-guard:",
+            "operator": "ghcr.io/ollama-guard/ollama-guard-operator:",
+        }
         assert image.startswith(expected[target])
     elif prog == "curl":
         url = next(a for a in cmd if a.startswith("http"))
         assert re.match(r"http://127\.0\.0\.1:8080/(health|api/chat)$", url), url
-    elif prog == "./run_proxy_macos.sh" or (prog.startswith("PROXY_HOST=") and cmd[1] == "./run_proxy_macos.sh"):
+    elif prog == "./run_proxy_macos.sh" or (
+        prog.startswith("PROXY_HOST=") and cmd[1] == "./run_proxy_macos.sh"
+    ):
         sub = cmd[1] if prog == "./run_proxy_macos.sh" else cmd[2]
-        assert f"  {sub})" in (ROOT / "run_proxy_macos.sh").read_text() or f"    {sub})" in (
-            ROOT / "run_proxy_macos.sh").read_text(), sub
+        assert (
+            f"  {sub})" in (ROOT / "run_proxy_macos.sh").read_text()
+            or f"    {sub})" in (ROOT / "run_proxy_macos.sh").read_text()
+        ), sub
     elif prog == "make":
         assert re.search(rf"^{cmd[1]}:", (ROOT / "Makefile").read_text(), re.M), cmd
     elif prog == "e2e/run_kind.sh":
@@ -177,7 +198,9 @@ def test_doc_says_mps_is_native_only() -> None:
 
 
 def test_paths_named_in_the_doc_exist() -> None:
-    for path in re.findall(r"`((?:charts|manifests|deploy|docs|e2e|scripts|operator)/[\w./-]+)`", DOC.read_text()):
+    for path in re.findall(
+        r"`((?:charts|manifests|deploy|docs|e2e|scripts|operator)/[\w./-]+)`", DOC.read_text()
+    ):
         assert (ROOT / path.rstrip("/")).exists(), path
     for path in ("Dockerfile", "Dockerfile.macos", "docker-compose.yml", "docker-compose.macos.yml"):
         assert path in DOC.read_text() and (ROOT / path).is_file()

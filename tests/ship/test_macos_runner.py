@@ -84,20 +84,28 @@ def fake_mac(tmp_path: Path, env: dict[str, str]) -> dict[str, str]:
     bin_dir = tmp_path / "macbin"
     bin_dir.mkdir()
     calls = tmp_path / "launchctl.log"
-    write_exe(bin_dir / "uname", '#!/bin/sh\ncase "$1" in -s) echo Darwin;; -m) echo arm64;; *) echo Darwin;; esac\n')
+    write_exe(
+        bin_dir / "uname",
+        '#!/bin/sh\ncase "$1" in -s) echo Darwin;; -m) echo arm64;; *) echo Darwin;; esac\n',
+    )
     write_exe(bin_dir / "sysctl", "#!/bin/sh\necho 1\n")
     write_exe(bin_dir / "plutil", "#!/bin/sh\nexit 0\n")
     # `launchctl print` says "not loaded"; everything else is recorded.
     write_exe(bin_dir / "launchctl", f'#!/bin/sh\n[ "$1" = print ] && exit 113\necho "$@" >> {calls}\n')
     # The MPS probe: a python whose torch says MPS is available.
     write_exe(bin_dir / "python-mps", "#!/bin/sh\nexit 0\n")
-    return {**env, "PATH": f"{bin_dir}:{env['PATH']}", "OLLAMA_GUARD_PYTHON": str(bin_dir / "python-mps"),
-            "LAUNCHCTL_LOG": str(calls)}
+    return {
+        **env,
+        "PATH": f"{bin_dir}:{env['PATH']}",
+        "OLLAMA_GUARD_PYTHON": str(bin_dir / "python-mps"),
+        "LAUNCHCTL_LOG": str(calls),
+    }
 
 
 def run(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=timeout,
-                          check=False)
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=timeout, check=False
+    )
 
 
 def test_script_parses() -> None:
@@ -222,8 +230,9 @@ def test_mac_install_writes_a_launchd_agent_and_uninstall_removes_it(fake_mac: d
     assert plist["EnvironmentVariables"]["LLM_GUARD_DEVICE"] == "mps"
     assert plist["EnvironmentVariables"]["PYTORCH_ENABLE_MPS_FALLBACK"] == "1"
     assert plist["EnvironmentVariables"]["MPS_ENABLE_FP16"] == "1"
-    assert plist["StandardOutPath"].endswith("Library/Logs/ollama-guard/proxy.log") or \
-        plist["StandardOutPath"].endswith("proxy.log")
+    assert plist["StandardOutPath"].endswith("Library/Logs/ollama-guard/proxy.log") or plist[
+        "StandardOutPath"
+    ].endswith("proxy.log")
     calls = Path(fake_mac["LAUNCHCTL_LOG"]).read_text().splitlines()
     assert f"bootstrap gui/{os.getuid()} {plist_path}" in calls
 

@@ -31,7 +31,9 @@ def test_copies_match_their_sources() -> None:
 
 def test_crd_copies_are_the_operator_crds() -> None:
     for copy_dir in (CHART / "crds", MANIFESTS / "crds"):
-        assert sorted(p.name for p in copy_dir.glob("*.yaml")) == sorted(p.name for p in OPERATOR_CRDS.glob("*.yaml"))
+        assert sorted(p.name for p in copy_dir.glob("*.yaml")) == sorted(
+            p.name for p in OPERATOR_CRDS.glob("*.yaml")
+        )
         for crd in OPERATOR_CRDS.glob("*.yaml"):
             assert (copy_dir / crd.name).read_bytes() == crd.read_bytes(), f"{copy_dir / crd.name} is stale"
 
@@ -39,15 +41,22 @@ def test_crd_copies_are_the_operator_crds() -> None:
 @pytest.mark.helm
 def test_manifests_are_the_chart_rendered_with_defaults() -> None:
     helm = require("helm3")
-    out = subprocess.run(RENDER, capture_output=True, text=True, timeout=60, check=False,
-                         env={"HELM": helm, "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        RENDER,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={"HELM": helm, "PATH": "/usr/bin:/bin"},
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 def kustomize_build() -> list[dict[str, Any]]:
     kubectl = require("kubectl")
-    out = subprocess.run([kubectl, "kustomize", str(MANIFESTS)], capture_output=True, text=True, timeout=60,
-                         check=False)
+    out = subprocess.run(
+        [kubectl, "kustomize", str(MANIFESTS)], capture_output=True, text=True, timeout=60, check=False
+    )
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
@@ -55,16 +64,18 @@ def kustomize_build() -> list[dict[str, Any]]:
 def test_kustomization_builds_the_operator_install() -> None:
     docs = kustomize_build()
     kinds = sorted((d["kind"], d["metadata"]["name"]) for d in docs)
-    assert kinds == sorted([
-        ("Namespace", "ollama-guard"),
-        ("CustomResourceDefinition", "guardproxies.ollama-guard.io"),
-        ("CustomResourceDefinition", "scannodes.ollama-guard.io"),
-        ("CustomResourceDefinition", "clusterkopfpeerings.kopf.dev"),
-        ("ServiceAccount", "ollama-guard-operator"),
-        ("ClusterRole", "ollama-guard-operator"),
-        ("ClusterRoleBinding", "ollama-guard-operator"),
-        ("Deployment", "ollama-guard-operator"),
-    ])
+    assert kinds == sorted(
+        [
+            ("Namespace", "ollama-guard"),
+            ("CustomResourceDefinition", "guardproxies.ollama-guard.io"),
+            ("CustomResourceDefinition", "scannodes.ollama-guard.io"),
+            ("CustomResourceDefinition", "clusterkopfpeerings.kopf.dev"),
+            ("ServiceAccount", "ollama-guard-operator"),
+            ("ClusterRole", "ollama-guard-operator"),
+            ("ClusterRoleBinding", "ollama-guard-operator"),
+            ("Deployment", "ollama-guard-operator"),
+        ]
+    )
     for obj in docs:
         kubernetes_validate.validate(obj, "1.33", strict=True)
         assert "helm.sh/chart" not in obj["metadata"].get("labels", {})
@@ -73,7 +84,11 @@ def test_kustomization_builds_the_operator_install() -> None:
 
 
 def test_every_plain_manifest_file_is_valid_kubernetes() -> None:
-    files = [MANIFESTS / "namespace.yaml", MANIFESTS / "operator.yaml", *sorted((MANIFESTS / "crds").glob("*.yaml"))]
+    files = [
+        MANIFESTS / "namespace.yaml",
+        MANIFESTS / "operator.yaml",
+        *sorted((MANIFESTS / "crds").glob("*.yaml")),
+    ]
     for path in files:
         for obj in yaml.safe_load_all(path.read_text()):
             if obj:

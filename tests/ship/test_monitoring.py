@@ -23,8 +23,9 @@ def contract_metrics() -> dict[str, str]:
 
 
 def _promtool(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([require("promtool"), *args], capture_output=True, text=True, timeout=60, check=False,
-                          cwd=cwd)
+    return subprocess.run(
+        [require("promtool"), *args], capture_output=True, text=True, timeout=60, check=False, cwd=cwd
+    )
 
 
 @pytest.mark.prometheus
@@ -49,18 +50,32 @@ def test_alerts_fire_when_they_should() -> None:
 
 def test_alerts_cover_the_required_cases() -> None:
     alerts = {r["alert"] for g in load_yaml(PROM / "alerts.yml")["groups"] for r in g["rules"]}
-    assert {"OllamaGuardHighErrorRate", "OllamaGuardHighLatency", "OllamaGuardScannerErrors",
-            "OllamaGuardRedisFallback"} <= alerts
+    assert {
+        "OllamaGuardHighErrorRate",
+        "OllamaGuardHighLatency",
+        "OllamaGuardScannerErrors",
+        "OllamaGuardRedisFallback",
+    } <= alerts
 
 
 def test_adapter_rule_serves_the_contract_query_as_the_pods_metric() -> None:
     (rule,) = load_yaml(PROM / "adapter-rules.yaml")["rules"]
     assert rule["name"]["as"] == "ollama_guard_requests_per_second"
-    assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+    assert rule["resources"]["overrides"] == {
+        "namespace": {"resource": "namespace"},
+        "pod": {"resource": "pod"},
+    }
     # With <<.GroupBy>> = namespace,pod this is the contract's
     # sum by (namespace, pod) (rate(ollama_guard_requests_total[1m])).
-    query = rule["metricsQuery"].replace("<<.GroupBy>>", "namespace, pod").replace("<<.Series>>", "ollama_guard_requests_total")
-    assert query.replace("{<<.LabelMatchers>>}", "") == "sum by (namespace, pod) (rate(ollama_guard_requests_total[1m]))"
+    query = (
+        rule["metricsQuery"]
+        .replace("<<.GroupBy>>", "namespace, pod")
+        .replace("<<.Series>>", "ollama_guard_requests_total")
+    )
+    assert (
+        query.replace("{<<.LabelMatchers>>}", "")
+        == "sum by (namespace, pod) (rate(ollama_guard_requests_total[1m]))"
+    )
 
 
 def test_adapter_chart_values_carry_the_same_rule() -> None:
@@ -87,8 +102,13 @@ def test_dashboard_is_valid_and_has_the_required_panels() -> None:
         assert panel["datasource"]["uid"] == "${datasource}"  # works with any Prometheus data source uid
         assert panel["targets"], panel["title"]
     titles = " | ".join(p["title"].lower() for p in dash["panels"])
-    for needed in ("request rate", "latency percentiles", "blocks per second by scanner", "cache hit rate",
-                   "replicas per variant"):
+    for needed in (
+        "request rate",
+        "latency percentiles",
+        "blocks per second by scanner",
+        "cache hit rate",
+        "replicas per variant",
+    ):
         assert needed in titles, needed
 
 
@@ -117,6 +137,10 @@ def test_histograms_are_queried_through_their_buckets() -> None:
 
 def test_core_metrics_are_all_on_the_dashboard() -> None:
     on_dashboard = names_in(dashboard_queries())
-    assert {"ollama_guard_requests_total", "ollama_guard_request_duration_seconds",
-            "ollama_guard_scanner_blocks_total", "ollama_guard_cache_requests_total",
-            "ollama_guard_device_info"} <= on_dashboard
+    assert {
+        "ollama_guard_requests_total",
+        "ollama_guard_request_duration_seconds",
+        "ollama_guard_scanner_blocks_total",
+        "ollama_guard_cache_requests_total",
+        "ollama_guard_device_info",
+    } <= on_dashboard

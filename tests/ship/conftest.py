@@ -21,10 +21,12 @@ CHART = ROOT / "charts" / "ollama-guard"
 VALUES = pathlib.Path(__file__).resolve().parent / "values"
 TOOLS_BIN = ROOT / ".tools" / "bin"
 
-try:
-    import ollama_guard_operator  # noqa: F401
-except ImportError:  # not installed (editable) into this venv yet
-    sys.path.insert(0, str(ROOT / "operator"))
+# The packages, importable from a bare checkout too (before `make install-all` installs them editable).
+for package, source in (("ollama_guard_operator", "operator"), ("ollama_guard", "proxy")):
+    try:
+        __import__(package)
+    except ImportError:
+        sys.path.insert(0, str(ROOT / source))
 
 
 def tool(name: str) -> str | None:

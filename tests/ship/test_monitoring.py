@@ -144,3 +144,18 @@ def test_core_metrics_are_all_on_the_dashboard() -> None:
         "ollama_guard_cache_requests_total",
         "ollama_guard_device_info",
     } <= on_dashboard
+
+
+def test_every_metric_used_is_declared_by_the_proxy_with_the_contract_type() -> None:
+    """The proxy's own registry (no server, no llm-guard import) exports each queried metric."""
+    from ollama_guard.metrics import Metrics
+    from prometheus_client import generate_latest
+
+    metrics = Metrics()
+    assert metrics.registry is not None, "PROMETHEUS_MULTIPROC_DIR is set in the test environment"
+    exported = dict(
+        re.findall(r"^# TYPE (ollama_guard_\S+) (\S+)$", generate_latest(metrics.registry).decode(), re.M)
+    )
+    contract = contract_metrics()
+    for name in deploy_metric_names():
+        assert exported.get(name) == contract[name], f"{name}: proxy exports {exported.get(name)}"

@@ -209,3 +209,40 @@ def test_guardproxy_without_upstream_url_fails(helm: str) -> None:
 def test_chart_default_guardproxy_spec_is_accepted_by_the_operator(helm: str) -> None:
     docs = template(helm, extra=("--set", "guardProxy.enabled=true"))
     check_custom(one(docs, "GuardProxy"))
+
+
+def notes(tmp_path, *args: str) -> str:
+    """NOTES.txt as `helm install` prints it. A client-side dry run needs no cluster on helm 4 (helm 3.17
+    still asks for one), so NOTES are rendered with helm 4; `helm lint` checks them on both."""
+    helm = require("helm4")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "KUBECONFIG": str(tmp_path / "none")}
+    out = subprocess.run(
+        [helm, "install", "og", str(CHART), "--namespace", "guard", "--dry-run=client", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split("NOTES:", 1)[1]
+
+
+def test_notes_tell_how_to_check_the_operator_and_create_a_guardproxy(tmp_path) -> None:
+    text = notes(tmp_path)
+    assert "kubectl -n guard rollout status deployment/og-ollama-guard-operator" in text
+    assert "kubectl apply -n guard -f manifests/examples/guardproxy-minimal.yaml" in text
+
+
+def test_notes_tell_how_to_reach_the_proxy_and_check_autoscaling(tmp_path) -> None:
+    text = notes(
+        tmp_path, "-f", str(VALUES / "guardproxy.yaml"), "--set", "monitoring.adapterRules.enabled=true"
+    )
+    assert "http://guard.guard.svc:9000" in text
+    assert "kubectl -n guard port-forward service/guard 8080:9000" in text
+    assert "kubectl -n guard wait guardproxy/guard --for=condition=Ready" in text
+    assert "helm test og -n guard" in text
+    assert "--set rules.existing=og-ollama-guard-adapter-rules" in text
+    assert (
+        "/apis/custom.metrics.k8s.io/v1beta1/namespaces/guard/pods/*/ollama_guard_requests_per_second" in text
+    )

@@ -59,8 +59,10 @@ def export_onnx(model_dir: str | os.PathLike[str], max_length: int = 512, opset:
     args = (sample["input_ids"], sample["attention_mask"])
     tmp = target.with_suffix(".onnx.tmp")
     with torch.inference_mode():
+        # eval() on the wrapper too: the exporter restores the wrapper's mode afterwards, and a fresh Module
+        # is in training mode, which would switch dropout on in the model used for the check below.
         torch.onnx.export(
-            _Logits(model),
+            _Logits(model).eval(),
             args,
             str(tmp),
             input_names=list(INPUT_NAMES),

@@ -56,6 +56,12 @@ def objects(kmock: ApiServer, resource: str) -> dict[str, dict[str, Any]]:
             if _resource_key(res) == resource and ns == NS and not obj.deleted}
 
 
+def handled(kmock: ApiServer, name: str = "guard") -> bool:
+    """kopf has finished the object's handling cycle (it records the handled spec last)."""
+    annotations = objects(kmock, GP)[name]["metadata"].get("annotations") or {}
+    return "ollama-guard.io/last-handled" in annotations
+
+
 def gp_status(kmock: ApiServer, name: str = "guard") -> dict[str, Any]:
     return objects(kmock, GP)[name].get("status") or {}
 
@@ -158,6 +164,7 @@ async def test_noop_reconcile_writes_nothing(kmock: ApiServer) -> None:
         def passes() -> int:
             return len([p for m, p in kmock.log if p.endswith("/deployments") and "GET" in m])
 
+        await eventually(lambda: handled(kmock), "kopf's handling cycle done")
         first = passes()
         await eventually(lambda: passes() >= first + 1, "a drift-timer pass after the reconcile")
         settled = len(kmock.writes)
@@ -221,13 +228,16 @@ async def test_invalid_spec_is_reported_and_not_retried(kmock: ApiServer) -> Non
         assert not children(kmock)["deployments"]
         # The drift timer sees the reported invalid generation and leaves it alone: a valid neighbour's
         # timer passes measure the time it had to misbehave in.
-        settled = len([w for w in kmock.writes if "/guardproxies/guard" in w[1]])
+        await eventually(lambda: handled(kmock), "kopf's handling cycle done")
         await create(kmock, GP, "witness", SPEC)
+        await eventually(lambda: handled(kmock, "witness"), "the neighbour handled")
+        settled = len([w for w in kmock.writes if "/guardproxies/guard" in w[1]])
 
         def passes() -> int:
             return len([p for m, p in kmock.log if p.endswith("/deployments") and "GET" in m])
 
-        await eventually(lambda: passes() >= 3, "the neighbour's reconcile and two drift passes")
+        before = passes()
+        await eventually(lambda: passes() >= before + 2, "two of the neighbour's drift passes")
         assert len([w for w in kmock.writes if "/guardproxies/guard" in w[1]]) == settled
 
 

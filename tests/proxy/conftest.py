@@ -63,7 +63,8 @@ class ProxyThread:
         self.app = create_app(settings, policy)
         self.port = free_port()
         cfg = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False,
-                             lifespan="on", date_header=False, server_header=False)
+                             lifespan="on", date_header=False, server_header=False,
+                             proxy_headers=False)
         self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{self.port}"

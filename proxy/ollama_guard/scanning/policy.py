@@ -19,7 +19,7 @@ from typing import Any
 
 from .. import __version__
 from ..device import DeviceChoice, setup_torch
-from ..settings import ModelRef, ScannerConfig, Settings
+from ..settings import ConfigError, ModelRef, ScannerConfig, Settings
 from . import registry
 
 log = logging.getLogger(__name__)
@@ -295,6 +295,12 @@ def build_policy(settings: Settings) -> Policy:
     vault_factory = make_vault
     inputs = settings.input_scanners if settings.input_scanners is not None else default_input_scanners()
     outputs = settings.output_scanners if settings.output_scanners is not None else default_output_scanners()
+    for direction, cfgs in (("input", inputs), ("output", outputs)):
+        for i, c in enumerate(cfgs):
+            try:
+                registry.lookup(c.type, direction)
+            except KeyError as exc:
+                raise ConfigError(f"{direction}_scanners.{i}.type: {exc.args[0]}") from None
     built_in = [build_scanner(c, "input", settings, device_fn, vault_factory) for c in inputs if c.enabled]
     built_out = [build_scanner(c, "output", settings, device_fn, vault_factory) for c in outputs if c.enabled]
     policy = Policy(built_in, built_out, device_box[0] if device_box else None)

@@ -19,27 +19,40 @@ log = logging.getLogger("ollama_guard_operator")
 def ensure_peering(cfg: kubernetes.client.Configuration) -> bool:
     """Create the ClusterKopfPeering object that replicas coordinate through; False when its CRD is absent."""
     api = kubernetes.client.CustomObjectsApi(kubernetes.client.ApiClient(cfg))
-    body = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": handlers.PEERING_NAME}}
+    body = {
+        "apiVersion": "kopf.dev/v1",
+        "kind": "ClusterKopfPeering",
+        "metadata": {"name": handlers.PEERING_NAME},
+    }
     try:
         api.create_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", body)
     except kubernetes.client.ApiException as exc:
         if exc.status == 409:
             return True
-        log.warning("cannot create ClusterKopfPeering %s (%s): running standalone", handlers.PEERING_NAME,
-                    exc.status)
+        log.warning(
+            "cannot create ClusterKopfPeering %s (%s): running standalone", handlers.PEERING_NAME, exc.status
+        )
         return False
     return True
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ollama-guard-operator", description=__doc__)
-    parser.add_argument("--namespace", action="append", default=None,
-                        help="watch only these namespaces (repeatable); default: all")
-    parser.add_argument("--standalone", action="store_true",
-                        default=os.environ.get("OLLAMA_GUARD_OPERATOR_STANDALONE") == "1",
-                        help="no peering: for a single replica")
-    parser.add_argument("--liveness", default=os.environ.get("OLLAMA_GUARD_OPERATOR_LIVENESS",
-                                                             "http://0.0.0.0:8081/healthz"))
+    parser.add_argument(
+        "--namespace",
+        action="append",
+        default=None,
+        help="watch only these namespaces (repeatable); default: all",
+    )
+    parser.add_argument(
+        "--standalone",
+        action="store_true",
+        default=os.environ.get("OLLAMA_GUARD_OPERATOR_STANDALONE") == "1",
+        help="no peering: for a single replica",
+    )
+    parser.add_argument(
+        "--liveness", default=os.environ.get("OLLAMA_GUARD_OPERATOR_LIVENESS", "http://0.0.0.0:8081/healthz")
+    )
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO)

@@ -94,7 +94,9 @@ def owned_selector(owner: Owner) -> str:
     return f"app.kubernetes.io/managed-by={MANAGER},{LABEL_GUARDPROXY}={owner.name}"
 
 
-def _meta(owner: Owner, name: str, component: str, variant: str | None = None, **extra: Any) -> dict[str, Any]:
+def _meta(
+    owner: Owner, name: str, component: str, variant: str | None = None, **extra: Any
+) -> dict[str, Any]:
     return {
         "name": name,
         "namespace": owner.namespace,
@@ -219,7 +221,10 @@ def _models_volume(owner: Owner, spec: GuardProxySpec) -> dict[str, Any]:
     if models.persistent_volume_claim:
         return {
             "name": "models",
-            "persistentVolumeClaim": {"claimName": models.persistent_volume_claim, "readOnly": models.read_only},
+            "persistentVolumeClaim": {
+                "claimName": models.persistent_volume_claim,
+                "readOnly": models.read_only,
+            },
         }
     return {"name": "models", "emptyDir": {"sizeLimit": models.size_limit}}
 
@@ -251,7 +256,10 @@ def deployment(owner: Owner, spec: GuardProxySpec, name: str, variant: Variant) 
         volumes.append({"name": "api-keys", "secret": {"secretName": auth.api_keys_secret.name}})
         mounts.append({"name": "api-keys", "mountPath": "/var/run/ollama-guard/api-keys", "readOnly": True})
         env.append(
-            {"name": "OLLAMA_GUARD_API_KEYS_FILE", "value": f"/var/run/ollama-guard/api-keys/{auth.api_keys_secret.key}"}
+            {
+                "name": "OLLAMA_GUARD_API_KEYS_FILE",
+                "value": f"/var/run/ollama-guard/api-keys/{auth.api_keys_secret.key}",
+            }
         )
     if auth.admin_token_secret is not None:
         volumes.append({"name": "admin-token", "secret": {"secretName": auth.admin_token_secret.name}})
@@ -436,8 +444,13 @@ def redis_secret(owner: Owner, password: str) -> dict[str, Any]:
     """The managed Redis password; created once, never rewritten (the caller keeps the existing one)."""
     meta = _meta(owner, redis_name(owner), "redis")
     meta["annotations"] = {ANN_CREATE_ONLY: "true"}
-    return {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "type": "Opaque",
-            "stringData": {"password": password}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": meta,
+        "type": "Opaque",
+        "stringData": {"password": password},
+    }
 
 
 def redis_service(owner: Owner) -> dict[str, Any]:
@@ -455,10 +468,14 @@ def redis_service(owner: Owner) -> dict[str, Any]:
 
 def redis_statefulset(owner: Owner, spec: GuardProxySpec) -> dict[str, Any]:
     r = spec.redis.managed
-    resources = json.loads(json.dumps(r.resources)) if r.resources else {
-        "requests": {"cpu": "100m", "memory": _redis_memory_limit(r.max_memory)},
-        "limits": {"memory": _redis_memory_limit(r.max_memory)},
-    }
+    resources = (
+        json.loads(json.dumps(r.resources))
+        if r.resources
+        else {
+            "requests": {"cpu": "100m", "memory": _redis_memory_limit(r.max_memory)},
+            "limits": {"memory": _redis_memory_limit(r.max_memory)},
+        }
+    )
     pvc_spec: dict[str, Any] = {
         "accessModes": ["ReadWriteOnce"],
         "resources": {"requests": {"storage": r.storage}},
@@ -492,12 +509,18 @@ def redis_statefulset(owner: Owner, spec: GuardProxySpec) -> dict[str, Any]:
                             # A cache: bounded memory, evict under pressure, no append-only log.
                             "command": ["redis-server"],
                             "args": [
-                                "--requirepass", "$(REDIS_PASSWORD)",
-                                "--maxmemory", r.max_memory,
-                                "--maxmemory-policy", r.eviction_policy,
-                                "--appendonly", "no",
-                                "--save", "900 1",
-                                "--dir", "/data",
+                                "--requirepass",
+                                "$(REDIS_PASSWORD)",
+                                "--maxmemory",
+                                r.max_memory,
+                                "--maxmemory-policy",
+                                r.eviction_policy,
+                                "--appendonly",
+                                "no",
+                                "--save",
+                                "900 1",
+                                "--dir",
+                                "/data",
                             ],
                             "env": [_secret_env("REDIS_PASSWORD", redis_name(owner), "password")],
                             "ports": [{"name": "redis", "containerPort": 6379, "protocol": "TCP"}],
@@ -553,8 +576,10 @@ def models_job(owner: Owner, spec: GuardProxySpec) -> dict[str, Any]:
                         }
                     ],
                     "volumes": [
-                        {"name": "models",
-                         "persistentVolumeClaim": {"claimName": spec.models.persistent_volume_claim}},
+                        {
+                            "name": "models",
+                            "persistentVolumeClaim": {"claimName": spec.models.persistent_volume_claim},
+                        },
                         {"name": "tmp", "emptyDir": {}},
                     ],
                 },

@@ -111,8 +111,11 @@ async def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger
     _set_status(patch, raw, result.status)
     out = result.outcome
     if out.changed:
-        parts = [f"{verb} {', '.join(items)}" for verb, items in
-                 (("created", out.created), ("updated", out.updated), ("deleted", out.deleted)) if items]
+        parts = [
+            f"{verb} {', '.join(items)}"
+            for verb, items in (("created", out.created), ("updated", out.updated), ("deleted", out.deleted))
+            if items
+        ]
         kopf.info(raw, reason="Reconciled", message="; ".join(parts)[:1000])
         logger.info("reconciled: %s", "; ".join(parts))
 
@@ -125,8 +128,9 @@ def _set_status(patch: kopf.Patch, body: dict[str, Any], new: dict[str, Any]) ->
 @kopf.on.resume(GROUP, VERSION, "guardproxies")
 @kopf.on.create(GROUP, VERSION, "guardproxies")
 @kopf.on.update(GROUP, VERSION, "guardproxies")
-async def reconcile_guardproxy(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Any,
-                               retry: int, **_: Any) -> None:
+async def reconcile_guardproxy(
+    body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Any, retry: int, **_: Any
+) -> None:
     await _reconcile(body, patch, memo, logger, retry)
 
 
@@ -167,8 +171,12 @@ async def probe_scannode(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **
         "observedGeneration": raw.get("metadata", {}).get("generation"),
     }
     if old.get("healthy") is not None and old.get("healthy") != healthy:
-        kopf.event(raw, type="Normal" if healthy else "Warning",
-                   reason="Healthy" if healthy else "Unhealthy", message=result.message)
+        kopf.event(
+            raw,
+            type="Normal" if healthy else "Warning",
+            reason="Healthy" if healthy else "Unhealthy",
+            message=result.message,
+        )
     patch.status.update({k: v for k, v in new.items() if v is not None})
 
 
@@ -180,5 +188,11 @@ async def scannode_changed(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: A
         return
     outcome = await reconcile.sync_scan_nodes(memo.kube, namespace, gp)
     if outcome is not None and outcome.changed:
-        logger.info("ScanNode endpoints of %s/%s: created %s, updated %s, deleted %s",
-                    namespace, gp, outcome.created, outcome.updated, outcome.deleted)
+        logger.info(
+            "ScanNode endpoints of %s/%s: created %s, updated %s, deleted %s",
+            namespace,
+            gp,
+            outcome.created,
+            outcome.updated,
+            outcome.deleted,
+        )

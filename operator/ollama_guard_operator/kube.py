@@ -45,7 +45,9 @@ class NotFound(ApiError):
     pass
 
 
-def path(api_version: str, kind: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
+def path(
+    api_version: str, kind: str, namespace: str | None, name: str | None = None, sub: str | None = None
+) -> str:
     plural, namespaced = KINDS[(api_version, kind)]
     base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
     parts = [base]
@@ -118,8 +120,9 @@ class Kube:
             headers["Content-Type"] = content_type
             data = json.dumps(body)
         sess = await self._sess()
-        async with sess.request(method, self._cfg.host.rstrip("/") + url_path, params=params, data=data,
-                                headers=headers) as resp:
+        async with sess.request(
+            method, self._cfg.host.rstrip("/") + url_path, params=params, data=data, headers=headers
+        ) as resp:
             text = await resp.text()
             if resp.status == 404:
                 raise NotFound(404, text[:500])
@@ -144,25 +147,36 @@ class Kube:
     async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         meta = obj["metadata"]
         return await self.request(
-            "POST", path(obj["apiVersion"], obj["kind"], meta.get("namespace")),
-            params={"fieldManager": FIELD_MANAGER}, body=obj,
+            "POST",
+            path(obj["apiVersion"], obj["kind"], meta.get("namespace")),
+            params={"fieldManager": FIELD_MANAGER},
+            body=obj,
         )
 
     async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply, forcing our field manager's ownership of the fields we set."""
         meta = obj["metadata"]
         return await self.request(
-            "PATCH", path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"]),
+            "PATCH",
+            path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"]),
             params={"fieldManager": FIELD_MANAGER, "force": "true"},
-            body=obj, content_type="application/apply-patch+yaml",
+            body=obj,
+            content_type="application/apply-patch+yaml",
         )
 
     async def merge_patch(
-        self, api_version: str, kind: str, namespace: str | None, name: str, patch: dict[str, Any],
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None,
+        name: str,
+        patch: dict[str, Any],
         sub: str | None = None,
     ) -> dict[str, Any]:
         return await self.request(
-            "PATCH", path(api_version, kind, namespace, name, sub), body=patch,
+            "PATCH",
+            path(api_version, kind, namespace, name, sub),
+            body=patch,
             content_type="application/merge-patch+json",
         )
 

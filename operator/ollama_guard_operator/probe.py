@@ -26,7 +26,9 @@ async def probe(session: aiohttp.ClientSession, node: ScanNodeSpec) -> ProbeResu
     try:
         async with session.get(node.health_url, timeout=timeout, allow_redirects=False) as resp:
             if resp.status != 200:
-                return ProbeResult(False, _ms(started), message=f"{node.health_path} answered HTTP {resp.status}")
+                return ProbeResult(
+                    False, _ms(started), message=f"{node.health_path} answered HTTP {resp.status}"
+                )
             body = await resp.json(content_type=None)
     except TimeoutError:
         return ProbeResult(False, _ms(started), message=f"no answer within {node.probe.timeout_seconds}s")
@@ -36,8 +38,13 @@ async def probe(session: aiohttp.ClientSession, node: ScanNodeSpec) -> ProbeResu
         return ProbeResult(False, _ms(started), message=f"{node.health_path} did not report status ok")
     device = body.get("device")
     version = body.get("version")
-    return ProbeResult(True, _ms(started), device=str(device) if device else None,
-                       version=str(version) if version else None, message="ok")
+    return ProbeResult(
+        True,
+        _ms(started),
+        device=str(device) if device else None,
+        version=str(version) if version else None,
+        message="ok",
+    )
 
 
 def _ms(started: float) -> int:

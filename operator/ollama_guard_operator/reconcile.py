@@ -56,7 +56,9 @@ def owner_of(body: dict[str, Any]) -> Owner:
 
 async def capabilities(kube: Kube) -> Capabilities:
     groups = await kube.api_groups()
-    return Capabilities(custom_metrics=CUSTOM_METRICS_GROUP in groups, service_monitors=MONITORING_GROUP in groups)
+    return Capabilities(
+        custom_metrics=CUSTOM_METRICS_GROUP in groups, service_monitors=MONITORING_GROUP in groups
+    )
 
 
 async def scan_nodes(kube: Kube, owner: Owner) -> tuple[list[NodeEndpoint], int]:
@@ -96,7 +98,7 @@ async def _check_secrets(kube: Kube, owner: Owner, spec: GuardProxySpec) -> None
 
 
 async def reconcile_guardproxy(kube: Kube, body: dict[str, Any]) -> Result:
-    """Converge the children of one GuardProxy and compute its status. Raises InvalidSpec, MissingDependency."""
+    """Converge one GuardProxy's children and compute its status. Raises InvalidSpec, MissingDependency."""
     owner = owner_of(body)
     spec = parse_guardproxy(body.get("spec") or {})
     await _check_secrets(kube, owner, spec)
@@ -115,7 +117,11 @@ async def reconcile_guardproxy(kube: Kube, body: dict[str, Any]) -> Result:
 
 
 def guardproxy_status(
-    body: dict[str, Any], owner: Owner, spec: GuardProxySpec, caps: Capabilities, outcome: Outcome,
+    body: dict[str, Any],
+    owner: Owner,
+    spec: GuardProxySpec,
+    caps: Capabilities,
+    outcome: Outcome,
 ) -> dict[str, Any]:
     """Everything in status but externalNodes, which sync_scan_nodes keeps."""
     generation = body.get("metadata", {}).get("generation")
@@ -137,14 +143,19 @@ def guardproxy_status(
         }
         if want and ready < 1:
             waiting.append(f"{name}: no ready replica")
-        if int(st.get("updatedReplicas") or 0) < int(want) or (
-            st.get("observedGeneration") or 0) < (dep.get("metadata", {}).get("generation") or 0):
+        if int(st.get("updatedReplicas") or 0) < int(want) or (st.get("observedGeneration") or 0) < (
+            dep.get("metadata", {}).get("generation") or 0
+        ):
             rolling.append(name)
 
     if spec.redis.mode == "managed":
         sts = outcome.live.get(("StatefulSet", builders.redis_name(owner))) or {}
         redis_ready = int((sts.get("status") or {}).get("readyReplicas") or 0) >= 1
-        redis = {"mode": "managed", "state": "Ready" if redis_ready else "Pending", "url": builders.redis_url(owner)}
+        redis = {
+            "mode": "managed",
+            "state": "Ready" if redis_ready else "Pending",
+            "url": builders.redis_url(owner),
+        }
         if not redis_ready:
             waiting.append("redis: not ready")
     elif spec.redis.mode == "external":
@@ -153,25 +164,48 @@ def guardproxy_status(
         redis = {"mode": "disabled", "state": "Disabled"}
 
     if caps.service_monitors and spec.monitoring.service_monitor.enabled:
-        monitoring = status.condition(status.MONITORING, True, "ServiceMonitorCreated",
-                                      f"ServiceMonitor {owner.name} scrapes /metrics", generation)
+        monitoring = status.condition(
+            status.MONITORING,
+            True,
+            "ServiceMonitorCreated",
+            f"ServiceMonitor {owner.name} scrapes /metrics",
+            generation,
+        )
         sm_state = "Created"
     elif not spec.monitoring.service_monitor.enabled:
-        monitoring = status.condition(status.MONITORING, False, "Disabled",
-                                      "spec.monitoring.serviceMonitor.enabled is false", generation)
+        monitoring = status.condition(
+            status.MONITORING,
+            False,
+            "Disabled",
+            "spec.monitoring.serviceMonitor.enabled is false",
+            generation,
+        )
         sm_state = "Disabled"
     else:
         monitoring = status.condition(
-            status.MONITORING, False, "NoPrometheusOperator",
-            "the monitoring.coreos.com API is not served: no ServiceMonitor created", generation)
+            status.MONITORING,
+            False,
+            "NoPrometheusOperator",
+            "the monitoring.coreos.com API is not served: no ServiceMonitor created",
+            generation,
+        )
         sm_state = "APINotAvailable"
 
     conditions = [
-        status.condition(status.READY, not waiting, "AllReady" if not waiting else "Waiting",
-                         "all variants and Redis are ready" if not waiting else "; ".join(waiting), generation),
         status.condition(
-            status.PROGRESSING, bool(rolling), "RollingOut" if rolling else "Stable",
-            f"rolling out: {', '.join(rolling)}" if rolling else "all children match the spec", generation),
+            status.READY,
+            not waiting,
+            "AllReady" if not waiting else "Waiting",
+            "all variants and Redis are ready" if not waiting else "; ".join(waiting),
+            generation,
+        ),
+        status.condition(
+            status.PROGRESSING,
+            bool(rolling),
+            "RollingOut" if rolling else "Stable",
+            f"rolling out: {', '.join(rolling)}" if rolling else "all children match the spec",
+            generation,
+        ),
         status.condition(status.DEGRADED, False, "Reconciled", "the last reconcile succeeded", generation),
         monitoring,
     ]
@@ -196,14 +230,16 @@ def failed_status(body: dict[str, Any], reason: str, message: str) -> dict[str, 
         status.condition(status.DEGRADED, True, reason, message, generation),
     ]
     keep = [c for c in old.get("conditions") or [] if c.get("type") == status.MONITORING]
-    return {"observedGeneration": generation, "conditions": status.merge_conditions(old.get("conditions"),
-                                                                                    conditions) + keep}
+    return {
+        "observedGeneration": generation,
+        "conditions": status.merge_conditions(old.get("conditions"), conditions) + keep,
+    }
 
 
 async def sync_scan_nodes(
     kube: Kube, namespace: str, guardproxy: str, *, gp: dict[str, Any] | None = None
 ) -> Outcome | None:
-    """Make the GuardProxy's ScanNode EndpointSlices list exactly its healthy nodes; update its node counts."""
+    """Make the ScanNode EndpointSlices list exactly the healthy nodes; update the node counts."""
     async with _slice_locks[(namespace, guardproxy)]:
         if gp is None:
             try:
@@ -220,17 +256,29 @@ async def _sync_scan_nodes(kube: Kube, gp: dict[str, Any]) -> Outcome:
     namespace, guardproxy = owner.namespace, owner.name
     healthy, total = await scan_nodes(kube, owner)
     outcome = await apply_kind(
-        kube, "discovery.k8s.io/v1", "EndpointSlice", namespace, builders.owned_selector(owner),
+        kube,
+        "discovery.k8s.io/v1",
+        "EndpointSlice",
+        namespace,
+        builders.owned_selector(owner),
         builders.endpoint_slices(owner, healthy),
     )
     nodes = _nodes_status(len(healthy), total)
     if (gp.get("status") or {}).get("externalNodes") != nodes:
-        await kube.merge_patch("ollama-guard.io/v1alpha1", "GuardProxy", namespace, guardproxy,
-                               {"status": {"externalNodes": nodes}}, sub="status")
+        await kube.merge_patch(
+            "ollama-guard.io/v1alpha1",
+            "GuardProxy",
+            namespace,
+            guardproxy,
+            {"status": {"externalNodes": nodes}},
+            sub="status",
+        )
     return outcome
 
 
-def next_node_status(old: dict[str, Any] | None, ok: bool, spec_threshold: tuple[int, int]) -> tuple[bool, int, int]:
+def next_node_status(
+    old: dict[str, Any] | None, ok: bool, spec_threshold: tuple[int, int]
+) -> tuple[bool, int, int]:
     """(healthy, consecutiveFailures, consecutiveSuccesses) after one probe, with the thresholds applied."""
     failure_threshold, success_threshold = spec_threshold
     old = old or {}

@@ -20,7 +20,12 @@ def now() -> str:
 
 
 def condition(type_: str, ok: bool, reason: str, message: str, generation: int | None) -> dict[str, Any]:
-    cond: dict[str, Any] = {"type": type_, "status": "True" if ok else "False", "reason": reason, "message": message}
+    cond: dict[str, Any] = {
+        "type": type_,
+        "status": "True" if ok else "False",
+        "reason": reason,
+        "message": message,
+    }
     if generation is not None:
         cond["observedGeneration"] = generation
     return cond

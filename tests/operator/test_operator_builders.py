@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import kubernetes_validate
 import pytest
-
 from ollama_guard_operator import builders
 from ollama_guard_operator.builders import Capabilities, NodeEndpoint, Owner
 from ollama_guard_operator.spec import InvalidSpec, parse_guardproxy, parse_scannode
@@ -18,7 +17,9 @@ SPECS = {
         "variants": {
             "cpu": {"enabled": False},
             "cuda": {
-                "enabled": True, "gpuCount": 2, "nodeSelector": {"nvidia.com/gpu.present": "true"},
+                "enabled": True,
+                "gpuCount": 2,
+                "nodeSelector": {"nvidia.com/gpu.present": "true"},
                 "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
                 "runtimeClassName": "nvidia",
                 "autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 4},
@@ -27,20 +28,27 @@ SPECS = {
     },
     "both-external-redis": {
         "variants": {"cuda": {"enabled": True}, "cpu": {"replicas": 3, "podAntiAffinity": "required"}},
-        "redis": {"mode": "external", "external": {"urlSecret": {"name": "redis-url"},
-                                                   "passwordSecret": {"name": "redis-pw"}}},
+        "redis": {
+            "mode": "external",
+            "external": {"urlSecret": {"name": "redis-url"}, "passwordSecret": {"name": "redis-pw"}},
+        },
         "auth": {"apiKeysSecret": {"name": "keys"}, "adminTokenSecret": {"name": "admin"}},
     },
     "no-redis-pvc-pulljob": {
         "redis": {"mode": "disabled"},
         "models": {"persistentVolumeClaim": "weights", "pullJob": {"enabled": True}},
         "service": {"type": "LoadBalancer", "port": 80, "annotations": {"a": "b"}},
-        "config": {"input_scanners": {"BanSubstrings": {"substrings": ["x"]}}, "limits": {"max_body_bytes": 1}},
+        "config": {
+            "input_scanners": {"BanSubstrings": {"substrings": ["x"]}},
+            "limits": {"max_body_bytes": 1},
+        },
         "image": {"repository": "registry.local/og", "tag": "dev", "pullSecrets": ["regcred"]},
     },
     "single-replica-managed-redis": {
         "variants": {"cpu": {"replicas": 1, "resources": {"requests": {"cpu": "250m"}}}},
-        "redis": {"managed": {"maxMemory": "1gb", "storageClassName": "fast", "evictionPolicy": "allkeys-lfu"}},
+        "redis": {
+            "managed": {"maxMemory": "1gb", "storageClassName": "fast", "evictionPolicy": "allkeys-lfu"}
+        },
     },
 }
 CAPS = [Capabilities(), Capabilities(custom_metrics=True, service_monitors=True)]
@@ -52,7 +60,7 @@ NODES = [
 
 def build(name: str, caps: Capabilities, nodes: list[NodeEndpoint] | None = None) -> list[dict]:
     spec = parse_guardproxy({**UPSTREAM, **SPECS[name]})
-    return builders.desired(OWNER, spec, caps, redis_password="pw", nodes=nodes or [])
+    return builders.desired(OWNER, spec, caps, redis_password="pw"  # noqa: S106, nodes=nodes or [])
 
 
 def by_kind(objs: list[dict], kind: str) -> dict[str, dict]:
@@ -80,7 +88,7 @@ def test_cpu_deployment_is_hardened_and_probed() -> None:
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == 10001
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
-    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+    assert {"name": "tmp", "mountPath": "/tmp"}  # noqa: S108 in c["volumeMounts"]
     assert c["livenessProbe"]["httpGet"]["path"] == "/health"
     assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
@@ -93,7 +101,10 @@ def test_cpu_deployment_is_hardened_and_probed() -> None:
     assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "guard-redis", "key": "password"}
     assert "nvidia.com/gpu" not in str(c["resources"])
     assert pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
-    assert dep["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    assert (
+        dep["spec"]["selector"]["matchLabels"].items()
+        <= dep["spec"]["template"]["metadata"]["labels"].items()
+    )
 
 
 def test_cuda_variant_requests_gpus_and_lands_on_gpu_nodes() -> None:
@@ -133,7 +144,10 @@ def test_autoscaled_deployment_has_no_replicas_and_hpa_follows_capabilities() ->
 def test_service_selects_all_variants_and_pdbs_cover_each() -> None:
     objs = build("both-external-redis", Capabilities())
     svc = by_kind(objs, "Service")["guard"]
-    assert svc["spec"]["selector"] == {"app.kubernetes.io/instance": "guard", "app.kubernetes.io/component": "proxy"}
+    assert svc["spec"]["selector"] == {
+        "app.kubernetes.io/instance": "guard",
+        "app.kubernetes.io/component": "proxy",
+    }
     for name, dep in by_kind(objs, "Deployment").items():
         assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
         pdb = by_kind(objs, "PodDisruptionBudget")[name]
@@ -145,8 +159,10 @@ def test_service_selects_all_variants_and_pdbs_cover_each() -> None:
 def test_external_redis_has_no_statefulset_and_reads_secrets() -> None:
     objs = build("both-external-redis", Capabilities())
     assert not by_kind(objs, "StatefulSet") and not by_kind(objs, "Secret")
-    env = {e["name"]: e for e in by_kind(objs, "Deployment")["guard-cpu"]["spec"]["template"]["spec"]
-           ["containers"][0]["env"]}
+    env = {
+        e["name"]: e
+        for e in by_kind(objs, "Deployment")["guard-cpu"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
     assert env["REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "redis-url", "key": "url"}
     assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "redis-pw", "key": "password"}
     assert env["OLLAMA_GUARD_API_KEYS_FILE"]["value"].endswith("/api-keys.yaml")
@@ -176,8 +192,12 @@ def test_disabled_redis_uses_memory_cache_and_config_rolls_pods() -> None:
     env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["CACHE_BACKEND"] == "memory" and "REDIS_URL" not in env
     assert dep["spec"]["template"]["spec"]["volumes"][2]["persistentVolumeClaim"]["claimName"] == "weights"
-    assert by_kind(objs, "Job")["guard-models-pull"]["spec"]["template"]["spec"]["volumes"][0][
-        "persistentVolumeClaim"]["claimName"] == "weights"
+    assert (
+        by_kind(objs, "Job")["guard-models-pull"]["spec"]["template"]["spec"]["volumes"][0][
+            "persistentVolumeClaim"
+        ]["claimName"]
+        == "weights"
+    )
     cm = by_kind(objs, "ConfigMap")["guard-config"]
     assert "BanSubstrings" in cm["data"]["config.yaml"]
     before = dep["spec"]["template"]["metadata"]["annotations"][builders.ANN_CONFIG_HASH]
@@ -209,8 +229,10 @@ def test_endpoint_slices_list_only_given_nodes_per_address_type() -> None:
     [
         ({"redis": {"mode": "external"}}, "redis.external.url or .urlSecret"),
         ({"variants": {"cuda": {"enabled": True, "gpuCount": 0}}}, "gpuCount must be at least 1"),
-        ({"variants": {"cpu": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}}},
-         "minReplicas (5) exceeds maxReplicas (2)"),
+        (
+            {"variants": {"cpu": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}}},
+            "minReplicas (5) exceeds maxReplicas (2)",
+        ),
         ({"models": {"pullJob": {"enabled": True}}}, "persistentVolumeClaim"),
         ({"upstream": {"url": "ollama:11434"}}, "upstream.url"),
         ({"bogus": 1}, "bogus"),

@@ -20,7 +20,6 @@ os.environ.setdefault("OLLAMA_GUARD_OPERATOR_PROBE_SECONDS", "0.2")
 os.environ.setdefault("OLLAMA_GUARD_OPERATOR_DRIFT_SECONDS", "0.5")
 
 from kubemock import ApiServer, declare  # noqa: E402
-
 from ollama_guard_operator import handlers  # noqa: E402
 
 pytestmark = pytest.mark.kmock(cls=ApiServer)
@@ -31,10 +30,10 @@ NS = "ai"
 DEADLINE = 10.0
 
 
-async def eventually(check: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
+async def eventually(check: Callable[[], Any], what: str, within: float = DEADLINE) -> Any:
     """Poll `check` until it returns a truthy value; fail with `what` after the deadline."""
     loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
+    end = loop.time() + within
     while True:
         try:
             value = check()
@@ -52,8 +51,11 @@ def _resource_key(res: Any) -> str:
 
 
 def objects(kmock: ApiServer, resource: str) -> dict[str, dict[str, Any]]:
-    return {name: obj.raw for (res, ns, name), obj in kmock.objects.items()
-            if _resource_key(res) == resource and ns == NS and not obj.deleted}
+    return {
+        name: obj.raw
+        for (res, ns, name), obj in kmock.objects.items()
+        if _resource_key(res) == resource and ns == NS and not obj.deleted
+    }
 
 
 def handled(kmock: ApiServer, name: str = "guard") -> bool:
@@ -80,8 +82,12 @@ async def running_operator(kmock: ApiServer) -> AsyncIterator[None]:
     handlers.use_configuration(cfg)
     stop, ready = asyncio.Event(), asyncio.Event()
     tasks = await kopf.spawn_tasks(
-        registry=kopf.get_default_registry(), clusterwide=True, standalone=True,
-        stop_flag=stop, ready_flag=ready, memo=kopf.Memo(),
+        registry=kopf.get_default_registry(),
+        clusterwide=True,
+        standalone=True,
+        stop_flag=stop,
+        ready_flag=ready,
+        memo=kopf.Memo(),
     )
     runner = asyncio.create_task(kopf.run_tasks(tasks, ignored=set()))
     try:
@@ -105,15 +111,19 @@ async def create(kmock: ApiServer, resource: str, name: str, spec: dict[str, Any
 
 
 async def patch(kmock: ApiServer, resource: str, name: str, body: dict[str, Any]) -> None:
-    async with kmock.patch(f"/apis/{resource.rsplit('/', 2)[0]}/{resource.rsplit('/', 2)[1]}/namespaces/{NS}/"
-                           f"{resource.rsplit('/', 1)[1]}/{name}", json=body,
-                           headers={"Content-Type": "application/merge-patch+json"}) as resp:
+    async with kmock.patch(
+        f"/apis/{resource.rsplit('/', 2)[0]}/{resource.rsplit('/', 2)[1]}/namespaces/{NS}/"
+        f"{resource.rsplit('/', 1)[1]}/{name}",
+        json=body,
+        headers={"Content-Type": "application/merge-patch+json"},
+    ) as resp:
         assert resp.status == 200, await resp.text()
 
 
 async def delete(kmock: ApiServer, resource: str, name: str) -> None:
-    async with kmock.delete(f"/apis/{resource.rsplit('/', 1)[0]}/namespaces/{NS}/{resource.rsplit('/', 1)[1]}/"
-                            f"{name}") as resp:
+    async with kmock.delete(
+        f"/apis/{resource.rsplit('/', 1)[0]}/namespaces/{NS}/{resource.rsplit('/', 1)[1]}/{name}"
+    ) as resp:
         assert resp.status == 200, await resp.text()
 
 
@@ -121,11 +131,17 @@ SPEC = {"spec": {"upstream": {"url": "http://ollama.ai.svc:11434"}}}
 
 
 def children(kmock: ApiServer) -> dict[str, set[str]]:
-    kinds = {"deployments": "apps/v1/deployments", "statefulsets": "apps/v1/statefulsets",
-             "services": "v1/services", "configmaps": "v1/configmaps", "secrets": "v1/secrets",
-             "pdbs": "policy/v1/poddisruptionbudgets", "hpas": "autoscaling/v2/horizontalpodautoscalers",
-             "slices": "discovery.k8s.io/v1/endpointslices",
-             "servicemonitors": "monitoring.coreos.com/v1/servicemonitors"}
+    kinds = {
+        "deployments": "apps/v1/deployments",
+        "statefulsets": "apps/v1/statefulsets",
+        "services": "v1/services",
+        "configmaps": "v1/configmaps",
+        "secrets": "v1/secrets",
+        "pdbs": "policy/v1/poddisruptionbudgets",
+        "hpas": "autoscaling/v2/horizontalpodautoscalers",
+        "slices": "discovery.k8s.io/v1/endpointslices",
+        "servicemonitors": "monitoring.coreos.com/v1/servicemonitors",
+    }
     return {k: set(objects(kmock, r)) for k, r in kinds.items()}
 
 
@@ -145,8 +161,17 @@ async def test_create_builds_children_and_reports_status(kmock: ApiServer) -> No
         assert dep["metadata"]["ownerReferences"][0]["uid"] == uid
         st = gp_status(kmock)
         assert st["serviceURL"] == "http://guard.ai.svc:8080"
-        assert st["redis"] == {"mode": "managed", "state": "Pending", "url": "redis://guard-redis.ai.svc:6379/0"}
-        assert st["variants"]["cpu"] == {"replicas": 2, "readyReplicas": 0, "summary": "0/2", "autoscaling": "off"}
+        assert st["redis"] == {
+            "mode": "managed",
+            "state": "Pending",
+            "url": "redis://guard-redis.ai.svc:6379/0",
+        }
+        assert st["variants"]["cpu"] == {
+            "replicas": 2,
+            "readyReplicas": 0,
+            "summary": "0/2",
+            "autoscaling": "off",
+        }
         ready = condition(kmock, "Ready")
         assert ready["status"] == "False" and "cpu: no ready replica" in ready["message"]
         mon = condition(kmock, "Monitoring")
@@ -176,8 +201,19 @@ async def test_noop_reconcile_writes_nothing(kmock: ApiServer) -> None:
 async def test_update_patches_children_and_disabling_a_variant_deletes_it(kmock: ApiServer) -> None:
     declare(kmock, custom_metrics=True, monitoring=True)
     async with running_operator(kmock):
-        await create(kmock, GP, "guard", {"spec": {**SPEC["spec"], "variants": {
-            "cuda": {"enabled": True, "autoscaling": {"enabled": True, "maxReplicas": 3}}}}})
+        await create(
+            kmock,
+            GP,
+            "guard",
+            {
+                "spec": {
+                    **SPEC["spec"],
+                    "variants": {
+                        "cuda": {"enabled": True, "autoscaling": {"enabled": True, "maxReplicas": 3}}
+                    },
+                }
+            },
+        )
         await eventually(lambda: "guard-cuda" in children(kmock)["deployments"], "cuda deployment")
         await eventually(lambda: gp_status(kmock).get("observedGeneration") == 1, "status")
         assert "replicas" not in objects(kmock, "apps/v1/deployments")["guard-cuda"]["spec"]
@@ -187,8 +223,12 @@ async def test_update_patches_children_and_disabling_a_variant_deletes_it(kmock:
         assert children(kmock)["servicemonitors"] == {"guard"}
         assert condition(kmock, "Monitoring")["status"] == "True"
 
-        await patch(kmock, GP, "guard", {"spec": {"upstream": {"url": "http://other:11434"},
-                                                  "variants": {"cuda": {"enabled": False}}}})
+        await patch(
+            kmock,
+            GP,
+            "guard",
+            {"spec": {"upstream": {"url": "http://other:11434"}, "variants": {"cuda": {"enabled": False}}}},
+        )
 
         def updated() -> bool:
             dep = objects(kmock, "apps/v1/deployments")["guard-cpu"]
@@ -196,9 +236,13 @@ async def test_update_patches_children_and_disabling_a_variant_deletes_it(kmock:
             return env["OLLAMA_URL"] == "http://other:11434"
 
         await eventually(updated, "cpu deployment points at the new upstream")
-        await eventually(lambda: "guard-cuda" not in children(kmock)["deployments"], "cuda deployment deleted")
-        await eventually(lambda: not children(kmock)["hpas"] and children(kmock)["pdbs"] == {"guard-cpu"},
-                         "cuda HPA and PDB deleted")
+        await eventually(
+            lambda: "guard-cuda" not in children(kmock)["deployments"], "cuda deployment deleted"
+        )
+        await eventually(
+            lambda: not children(kmock)["hpas"] and children(kmock)["pdbs"] == {"guard-cpu"},
+            "cuda HPA and PDB deleted",
+        )
         await eventually(lambda: gp_status(kmock).get("observedGeneration") == 2, "status of generation 2")
         assert set(gp_status(kmock)["variants"]) == {"cpu"}
 
@@ -209,12 +253,18 @@ async def test_switching_redis_to_external_removes_the_managed_one(kmock: ApiSer
         await create(kmock, "v1/secrets", "redis-url", {"stringData": {"url": "redis://r:6379/0"}})
         await create(kmock, GP, "guard", SPEC)
         await eventually(lambda: children(kmock)["statefulsets"] == {"guard-redis"}, "managed redis")
-        await patch(kmock, GP, "guard", {"spec": {"redis": {"mode": "external",
-                                                            "external": {"urlSecret": {"name": "redis-url"}}}}})
+        await patch(
+            kmock,
+            GP,
+            "guard",
+            {"spec": {"redis": {"mode": "external", "external": {"urlSecret": {"name": "redis-url"}}}}},
+        )
         await eventually(lambda: not children(kmock)["statefulsets"], "StatefulSet gone")
         got = children(kmock)
         assert got["services"] == {"guard"} and got["secrets"] == {"redis-url"}
-        await eventually(lambda: gp_status(kmock).get("redis", {}).get("state") == "External", "redis external")
+        await eventually(
+            lambda: gp_status(kmock).get("redis", {}).get("state") == "External", "redis external"
+        )
 
 
 async def test_invalid_spec_is_reported_and_not_retried(kmock: ApiServer) -> None:
@@ -244,7 +294,9 @@ async def test_invalid_spec_is_reported_and_not_retried(kmock: ApiServer) -> Non
 async def test_missing_secret_is_a_temporary_error(kmock: ApiServer) -> None:
     declare(kmock)
     async with running_operator(kmock):
-        await create(kmock, GP, "guard", {"spec": {**SPEC["spec"], "auth": {"apiKeysSecret": {"name": "keys"}}}})
+        await create(
+            kmock, GP, "guard", {"spec": {**SPEC["spec"], "auth": {"apiKeysSecret": {"name": "keys"}}}}
+        )
         ready = await eventually(lambda: condition(kmock, "Ready"), "Ready condition")
         assert ready["reason"] == "MissingDependency" and "keys" in ready["message"]
         await create(kmock, "v1/secrets", "keys", {"stringData": {"api-keys.yaml": "[]"}})
@@ -276,8 +328,12 @@ async def health_server() -> AsyncIterator[dict[str, Any]]:
 
 
 def slice_addresses(kmock: ApiServer) -> list[str]:
-    return [a for s in objects(kmock, "discovery.k8s.io/v1/endpointslices").values()
-            for ep in s["endpoints"] for a in ep["addresses"]]
+    return [
+        a
+        for s in objects(kmock, "discovery.k8s.io/v1/endpointslices").values()
+        for ep in s["endpoints"]
+        for a in ep["addresses"]
+    ]
 
 
 async def test_scannode_health_flips_move_it_in_and_out_of_the_slice(
@@ -286,10 +342,22 @@ async def test_scannode_health_flips_move_it_in_and_out_of_the_slice(
     declare(kmock)
     async with running_operator(kmock):
         await create(kmock, GP, "guard", SPEC)
-        await create(kmock, SN, "mini-1", {"spec": {"guardProxy": "guard", "address": "127.0.0.1",
-                                                     "port": health_server["port"],
-                                                     "probe": {"failureThreshold": 2, "timeoutSeconds": 1}}})
-        await create(kmock, SN, "mini-dead", {"spec": {"guardProxy": "guard", "address": "127.0.0.1", "port": 1}})
+        await create(
+            kmock,
+            SN,
+            "mini-1",
+            {
+                "spec": {
+                    "guardProxy": "guard",
+                    "address": "127.0.0.1",
+                    "port": health_server["port"],
+                    "probe": {"failureThreshold": 2, "timeoutSeconds": 1},
+                }
+            },
+        )
+        await create(
+            kmock, SN, "mini-dead", {"spec": {"guardProxy": "guard", "address": "127.0.0.1", "port": 1}}
+        )
         await eventually(lambda: slice_addresses(kmock) == ["127.0.0.1"], "healthy node in the slice")
         (sl,) = objects(kmock, "discovery.k8s.io/v1/endpointslices").values()
         assert sl["addressType"] == "IPv4" and sl["ports"][0]["port"] == health_server["port"]
@@ -302,8 +370,10 @@ async def test_scannode_health_flips_move_it_in_and_out_of_the_slice(
         health_server["healthy"] = False
         await eventually(lambda: slice_addresses(kmock) == [], "unhealthy node leaves the slice")
         node = objects(kmock, SN)["mini-1"]["status"]
-        assert node["healthy"] is False, (node, [w for w in zip(kmock.writes, kmock.bodies, strict=True)
-                                                if "slice" in w[0][1]])
+        assert node["healthy"] is False, (
+            node,
+            [w for w in zip(kmock.writes, kmock.bodies, strict=True) if "slice" in w[0][1]],
+        )
         assert node["consecutiveFailures"] >= 2, node
 
         health_server["healthy"] = True

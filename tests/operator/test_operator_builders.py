@@ -60,7 +60,8 @@ NODES = [
 
 def build(name: str, caps: Capabilities, nodes: list[NodeEndpoint] | None = None) -> list[dict]:
     spec = parse_guardproxy({**UPSTREAM, **SPECS[name]})
-    return builders.desired(OWNER, spec, caps, redis_password="pw"  # noqa: S106, nodes=nodes or [])
+    password = "pw"  # noqa: S105 - a test value
+    return builders.desired(OWNER, spec, caps, redis_password=password, nodes=nodes or [])
 
 
 def by_kind(objs: list[dict], kind: str) -> dict[str, dict]:

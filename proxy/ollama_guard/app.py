@@ -443,7 +443,7 @@ class Handlers:
         }
         if s.logging.log_content:
             record["prompt"] = req.prompt
-        audit_log.info("guarded request", extra={"audit": record})
+        audit_log.info("guarded request", extra={"audit": record, "request_id": request_id.get()})
 
     # -- pass-through and management --
     async def passthrough(self, request: Request) -> Response:

@@ -23,7 +23,7 @@ import os
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,6 +191,7 @@ class BatchedClassifier:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._carry: _Request | None = None  # worker-only: a request that did not fit the last batch
+        self._recent: deque[int] = deque(maxlen=8)  # worker-only: texts in the last batches
 
     # -- callers
 
@@ -230,19 +231,26 @@ class BatchedClassifier:
     def _collect(self, first: _Request) -> tuple[list[_Request], bool]:
         """The first request plus whatever joins it: up to batch_size texts, within the wait bound.
 
-        The wait is counted from when the first request was queued: under load, requests that queued while
-        the previous pass ran have waited already and go at once.
+        Whatever is queued already always joins (up to the bound). Beyond that the worker waits for company
+        only as long as company is likely: the wait is counted from when the first request was queued (under
+        load, requests that queued during the previous pass have waited already), it ends as soon as the batch
+        is as large as the largest of the last few batches (about the number of concurrent callers), and a
+        caller alone (recent batches of one, nobody queued) does not wait at all: at concurrency 1 the wait
+        would be pure added latency.
         """
         batch = [first]
         n = len(first.texts)
-        deadline = first.enqueued + self.wait_s
+        recent = max(self._recent, default=0)
+        alone = recent <= 1 and self._queue.empty()
+        deadline = first.enqueued + (0.0 if alone else self.wait_s)
+        target = min(self.batch_size, recent) if recent > 1 else self.batch_size
         stop = False
         while n < self.batch_size:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or n >= target:
                     break
                 try:
                     item = self._queue.get(timeout=remaining)
@@ -280,6 +288,7 @@ class BatchedClassifier:
                 self.stats.requests += len(batch)
                 self.stats.texts += i
                 self.stats.batch_sizes[i] += 1
+                self._recent.append(i)
             if stop:
                 return
 

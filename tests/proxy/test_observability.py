@@ -1,0 +1,146 @@
+"""Metrics after a known sequence of requests, a real Prometheus scraping the proxy, audit logs."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import subprocess
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import free_port, wait_for
+from .policies import BANNED_IN, pure
+
+pytestmark = pytest.mark.slow
+
+
+def samples(url: str) -> dict[tuple[str, tuple], float]:
+    text = httpx.get(url + "/metrics").text
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(m, name, **labels):
+    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def chat(url, text):
+    return httpx.post(url + "/api/chat", json={"model": "m", "stream": False,
+                                               "messages": [{"role": "user", "content": text}]})
+
+
+def test_metrics_after_a_known_sequence(start_proxy):
+    p = start_proxy(**pure(rate_limit={"enabled": True, "per_minute": 1, "burst": 2, "backend": "memory"}))
+    assert chat(p.url, "hello metrics").status_code == 200
+    assert chat(p.url, BANNED_IN).status_code == 403
+    assert chat(p.url, "third").status_code == 429
+    m = samples(p.url)
+    base = {"route": "/api/chat", "dialect": "ollama"}
+    assert value(m, "ollama_guard_requests_total", **base, status="200", decision="allowed") == 1
+    assert value(m, "ollama_guard_requests_total", **base, status="403", decision="blocked") == 1
+    assert value(m, "ollama_guard_requests_total", **base, status="429", decision="rate_limited") == 1
+    assert value(m, "ollama_guard_scanner_blocks_total", scanner="BanSubstrings", direction="input") == 1
+    assert value(m, "ollama_guard_rate_limited_total", client="anonymous") == 1
+    assert value(m, "ollama_guard_request_duration_seconds_count", **base) == 3
+    assert value(m, "ollama_guard_scanner_duration_seconds_count", scanner="Secrets", direction="input") == 2
+    assert value(m, "ollama_guard_cache_requests_total", backend="memory", result="miss") == 3  # 2 in, 1 out
+    assert value(m, "ollama_guard_upstream_duration_seconds_count", route="/api/chat") == 1
+    assert value(m, "ollama_guard_device_info", device="cpu") == 1
+    assert value(m, "ollama_guard_scanner_ready", scanner="Secrets", direction="output") == 1
+    assert value(m, "ollama_guard_cache_backend_active", backend="memory") == 1
+    assert value(m, "ollama_guard_requests_in_flight") == 1  # the scrape itself
+    assert value(m, "ollama_guard_process_resident_memory_bytes") > 10_000_000
+
+
+def test_upstream_down_and_stopped_streams_are_counted(start_proxy):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    p = start_proxy(**pure(ollama_url=dead))
+    assert chat(p.url, "anyone there").status_code == 502
+    m = samples(p.url)
+    assert value(m, "ollama_guard_upstream_errors_total", kind="connect") == 1
+    assert value(m, "ollama_guard_requests_total", route="/api/chat", dialect="ollama", status="502",
+                 decision="error") == 1
+    q = start_proxy(**pure())
+    from .policies import BANNED_OUT
+
+    httpx.post(q.url + "/api/generate", json={"model": "m", "prompt": f"REPLY: fine words then {BANNED_OUT}"})
+    assert value(samples(q.url), "ollama_guard_streams_stopped_total", dialect="ollama", scanner="BanSubstrings") == 1
+
+
+def test_audit_record_without_raw_prompt(start_proxy, caplog):
+    p = start_proxy(**pure())
+    secret_prompt = "my very private question 42"
+    with caplog.at_level(logging.INFO, logger="ollama_guard.audit"):
+        r = httpx.post(p.url + "/api/chat", headers={"X-Request-ID": "rid-77"},
+                       json={"model": "m", "stream": False, "messages": [{"role": "user", "content": secret_prompt}]})
+        assert r.status_code == 200
+        wait_for(lambda: any(getattr(rec, "audit", None) for rec in caplog.records), 5, "audit record")
+    rec = next(r for r in caplog.records if getattr(r, "audit", None))
+    audit = rec.audit
+    assert audit["who"] == "127.0.0.1" and audit["model"] == "m" and audit["decision"] == "allowed"
+    assert audit["route"] == "/api/chat" and "input:Secrets" in audit["scan_ms"]
+    assert rec.request_id == "rid-77"
+    from ollama_guard.logs import JsonFormatter
+
+    line = JsonFormatter().format(rec)
+    assert secret_prompt not in line and '"request_id":"rid-77"' in line
+
+
+@pytest.mark.prometheus
+def test_prometheus_rate_query_matches_generated_load(start_proxy, tmp_path):
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("prometheus is not installed (apt-get install prometheus)")
+    p = start_proxy(**pure())
+    port = free_port()
+    cfg = tmp_path / "prometheus.yml"
+    cfg.write_text(f"""
+global: {{scrape_interval: 1s, evaluation_interval: 1s}}
+scrape_configs:
+  - job_name: ollama-guard
+    static_configs: [{{targets: ["127.0.0.1:{p.port}"]}}]
+""")
+    proc = subprocess.Popen([binary, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    api = f"http://127.0.0.1:{port}/api/v1/query"
+    query = 'sum(rate(ollama_guard_requests_total{route="/api/chat"}[8s]))'
+    try:
+        def scraped():
+            try:
+                r = httpx.get(api, params={"query": "up"}, timeout=2)
+            except httpx.HTTPError:
+                return False
+            if r.status_code != 200:  # still starting: "Service Unavailable"
+                return False
+            res = r.json()["data"]["result"]
+            return bool(res) and res[0]["value"][1] == "1"
+
+        wait_for(scraped, 60, "prometheus scraping the proxy")
+        # A bounded, paced load: 25 requests/s for 12 s.
+        rate, seconds = 25.0, 12.0
+        started = time.monotonic()
+        sent = 0
+        with httpx.Client(base_url=p.url) as c:
+            while time.monotonic() - started < seconds:
+                c.post("/api/chat", json={"model": "m", "stream": False,
+                                          "messages": [{"role": "user", "content": f"load {sent % 10}"}]})
+                sent += 1
+                next_at = started + sent / rate
+                time.sleep(max(0.0, next_at - time.monotonic()))
+        generated = sent / (time.monotonic() - started)
+        result = httpx.get(api, params={"query": query}).json()["data"]["result"]
+        measured = float(result[0]["value"][1])
+        assert abs(measured - generated) <= 0.2 * generated, (measured, generated)
+    finally:
+        proc.terminate()
+        proc.wait(10)

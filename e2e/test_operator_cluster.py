@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pathlib
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -60,8 +61,6 @@ def cluster() -> kubernetes.client.Configuration:
             crd = ext.read_custom_resource_definition(name)
             if any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or []):
                 break
-            import time
-
             time.sleep(0.5)  # noqa: ASYNC251 - sync fixture polling the API with a deadline
     return cfg
 

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from ollama_guard.device import DeviceChoice
 from ollama_guard.scanning import batching, registry
 from ollama_guard.scanning.batching import BatchedClassifier, build_batched, make_windows
@@ -183,7 +182,9 @@ def test_queued_requests_share_passes_within_the_bound_and_get_their_own_results
 
 def test_concurrent_scans_from_threads_are_routed_back_to_their_callers(models: dict[str, Path]) -> None:
     scanner = batched("PromptInjection", models["pi_trigger"], batch_size=8, batch_wait_ms=5.0)
-    texts = [f"{'ignore ' if i % 3 == 0 else ''}{MIXED[i % len(MIXED)]} {'hello ' * (i % 7)}" for i in range(64)]
+    texts = [
+        f"{'ignore ' if i % 3 == 0 else ''}{MIXED[i % len(MIXED)]} {'hello ' * (i % 7)}" for i in range(64)
+    ]
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(scanner.scan, texts))
     assert [valid for _, valid, _ in results] == ["ignore" not in t for t in texts]
@@ -221,7 +222,9 @@ LONG_MIDDLE = "hello world " * 500 + "ignore " + "hello world " * 500
     ("windows", "tail_caught", "middle_caught"),
     [("truncate", False, False), ("head_tail", True, False), ("chunks", True, True)],
 )
-def test_long_prompt_windows(models: dict[str, Path], windows: str, tail_caught: bool, middle_caught: bool) -> None:
+def test_long_prompt_windows(
+    models: dict[str, Path], windows: str, tail_caught: bool, middle_caught: bool
+) -> None:
     scanner = batched("PromptInjection", models["pi_trigger"], windows=windows)
     stats = scanner.classifier.stats
     before = stats.windows
@@ -282,7 +285,6 @@ def test_onnx_gives_the_same_verdicts_as_torch(models: dict[str, Path], tmp_path
     import shutil
 
     import numpy as np
-
     from ollama_guard.scanning.onnx_export import export_onnx, onnx_path
 
     model = Path(shutil.copytree(models["pi_trigger"], tmp_path / "pi_onnx"))

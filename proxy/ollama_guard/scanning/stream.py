@@ -82,7 +82,10 @@ class StreamGuard:
         if self.buffered:
             return Step(self.released)
         violation = None
-        if self.pattern and len(self.text) - self.p_scanned >= max(self.step, 1):
+        # The first pattern scan waits until it can release something (overlap + step characters):
+        # scanning earlier would only delay the first chunk with scans that release nothing.
+        new_chars = len(self.text) - self.p_scanned
+        if self.pattern and new_chars >= self.step and (self.p_scanned or len(self.text) >= self.overlap + self.step):
             violation = await self._scan_pattern()
         if violation is None and self.sentence:
             end = self._sentence_boundary()

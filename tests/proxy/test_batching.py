@@ -298,3 +298,12 @@ def test_onnx_gives_the_same_verdicts_as_torch(models: dict[str, Path], tmp_path
     b = onnx_scanner.classifier.classify(texts)
     for x, y in zip(a, b, strict=True):
         assert np.allclose(x, y, atol=1e-4)
+
+
+def test_cpu_passes_keep_short_rows_away_from_a_long_one(models: dict[str, Path]) -> None:
+    clf = fresh_classifier(models["pi_always"], batch_size=8)
+    rows = [[1] * 100, [1] * 10, [1] * 9, [1] * 10, [1] * 95]
+    assert clf._passes(rows) == [[0, 4, 1, 3, 2]]  # no slack (GPU): one pass, padded to the longest
+    clf.pad_slack = 1.3
+    assert clf._passes(rows) == [[0, 4], [1, 3, 2]]
+    clf.close()

@@ -43,6 +43,8 @@ _WINDOWED_MATCH_TYPES = {
     "Toxicity": {"full"},
     "Gibberish": {"full"},
 }
+# On a CPU a forward pass may cost at most this much more than its real tokens (see _passes).
+CPU_PAD_SLACK = 1.3
 _KNOWN_PARAMS = {"threshold", "match_type", "use_onnx"}
 
 
@@ -173,6 +175,7 @@ class BatchedClassifier:
         batch_wait_ms: float = 2.0,
         windows: str = "head_tail",
         name: str = "model",
+        pad_slack: float | None = None,
     ):
         self.backend = backend
         self.tokenizer = tokenizer
@@ -185,6 +188,7 @@ class BatchedClassifier:
         self.max_length = min(max_length, model_max) if model_max < 1_000_000 else max_length
         self.room = self.max_length - tokenizer.num_special_tokens_to_add(pair=False)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_slack = pad_slack
         self.stats = BatchStats()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -292,6 +296,35 @@ class BatchedClassifier:
             if stop:
                 return
 
+    def _passes(self, rows: list[list[int]]) -> list[list[int]]:
+        """Group rows (longest first) into forward passes of at most batch_size rows.
+
+        With ``pad_slack`` set (CPU), a pass also stops growing when padding would make it cost more than
+        ``pad_slack`` times its real tokens: on a CPU padded positions cost as much as real ones, and one
+        long prompt in a batch of short ones would otherwise multiply the work. On a GPU (no slack) a pass
+        is padded to its longest row, which costs little there.
+        """
+        order = sorted(range(len(rows)), key=lambda r: len(rows[r]), reverse=True)
+        passes: list[list[int]] = []
+        i = 0
+        while i < len(order):
+            width = len(rows[order[i]])
+            tokens = 0
+            j = i
+            while j < len(order) and j - i < self.batch_size:
+                length = len(rows[order[j]])
+                if (
+                    j > i
+                    and self.pad_slack is not None
+                    and (j - i + 1) * width > self.pad_slack * (tokens + length)
+                ):
+                    break
+                tokens += length
+                j += 1
+            passes.append(order[i:j])
+            i = j
+        return passes
+
     def _infer(self, texts: list[str]) -> list[np.ndarray]:
         enc = self.tokenizer(
             texts,
@@ -307,11 +340,8 @@ class BatchedClassifier:
             for w in make_windows(ids, self.room, self.windows):
                 rows.append(self.tokenizer.build_inputs_with_special_tokens(w))
                 owner.append(t)
-        # Longest first, so each pass of a many-window batch pads to similar lengths.
-        order = sorted(range(len(rows)), key=lambda r: len(rows[r]), reverse=True)
         logits: list[np.ndarray | None] = [None] * len(rows)
-        for start in range(0, len(order), self.batch_size):
-            part = order[start : start + self.batch_size]
+        for part in self._passes(rows):
             width = len(rows[part[0]])
             ids_arr = np.full((len(part), width), self.pad_id, dtype=np.int64)
             mask = np.zeros((len(part), width), dtype=np.int64)
@@ -533,6 +563,7 @@ def shared_classifier(
             batch_wait_ms=ref.batch_wait_ms,
             windows=ref.windows,
             name=Path(model_dir).name,
+            pad_slack=CPU_PAD_SLACK if dev == "cpu" else None,
         )
         _SHARED[key] = clf
         return clf

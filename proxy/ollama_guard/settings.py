@@ -283,6 +283,7 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
 }
 # OLLAMA_GUARD_* variables that are not config keys.
 _ENV_NON_KEYS = {"OLLAMA_GUARD_CONFIG"}
+_OPERATOR_PREFIX = "OLLAMA_GUARD_OPERATOR_"  # the operator's own settings
 
 
 class ConfigError(Exception):
@@ -318,7 +319,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     for name, value in environ.items():
         if name in ENV_KEYS:
             _set_path(out, ENV_KEYS[name], _env_value(value))
-        elif name.startswith(ENV_PREFIX) and name not in _ENV_NON_KEYS:
+        elif name.startswith(ENV_PREFIX) and name not in _ENV_NON_KEYS and not name.startswith(_OPERATOR_PREFIX):
             parts = tuple(p.lower() for p in name[len(ENV_PREFIX) :].split("__"))
             if parts[0] not in known_sections:
                 raise ConfigError(f"unknown setting in environment variable {name}")

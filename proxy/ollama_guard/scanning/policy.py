@@ -239,6 +239,17 @@ def build_scanner(
             return gs
         gs.model_id = _weights_id(model_dir)
         device = device_fn()
+        # Cross-request batching (scanning/batching.py) where it reproduces llm-guard's verdicts; else None.
+        from .batching import build_batched
+
+        try:
+            gs.instance = build_batched(cfg, cfg.type, direction, model_dir, ref, device)
+        except Exception as exc:  # reported like a failed llm-guard load: never a silent pass
+            gs.missing = f"failed to load: {type(exc).__name__}: {exc}"
+            log.exception("scanner %s (%s) failed to load", gs.name, direction)
+        if gs.instance is not None or gs.missing:
+            gs.load_seconds = time.perf_counter() - started
+            return gs
         params["model"] = _build_model(stype, model_dir, ref, device)
         params.setdefault("use_onnx", ref.onnx)
     if stype.vault:

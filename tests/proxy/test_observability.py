@@ -144,3 +144,54 @@ scrape_configs:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_deploy_dashboards_alerts_and_adapter_name_metrics_the_running_proxy_exports(start_proxy):
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "metricnames", Path(__file__).resolve().parents[1] / "ship" / "metricnames.py")
+    metricnames = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(metricnames)
+    p = start_proxy(**pure())
+    text = httpx.get(p.url + "/metrics").text
+    # Declared families (# TYPE), so labelled metrics with no sample yet count too.
+    exported = set(re.findall(r"^# TYPE (ollama_guard_\w+) ", text, re.M))
+    exported |= {n[: -len("_total")] for n in exported if n.endswith("_total")}
+    used = metricnames.deploy_metric_names()
+    assert used, "the deploy files name no metric"
+    missing = {n for n in used if n not in exported and n.removesuffix("_total") not in exported}
+    assert not missing, f"deploy files use metrics the proxy does not export: {sorted(missing)}"
+
+
+def test_metrics_are_correct_with_several_workers(upstream, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = {**os.environ, "OLLAMA_URL": upstream.url, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "ollama_guard.cli", "serve", "--port", str(port), "--workers", "2"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def ready():
+            try:
+                return httpx.get(url + "/ready", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, 90, "two workers")
+        n = 30
+        for i in range(n):  # new connections: the kernel spreads them over both workers
+            assert httpx.post(url + "/api/generate", json={"model": "m", "stream": False, "prompt": f"p{i}"},
+                              headers={"Connection": "close"}).status_code == 200
+        for _ in range(4):  # whichever worker answers the scrape, it reports the whole pod
+            m = samples(url)
+            assert value(m, "ollama_guard_requests_total", route="/api/generate", dialect="ollama", status="200",
+                         decision="allowed") == n
+    finally:
+        proc.terminate()
+        proc.wait(20)

@@ -9,6 +9,7 @@ Request path (see docs/ARCHITECTURE.md):
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -635,6 +636,11 @@ def create_app(settings: Settings, policy: Policy | None = None) -> FastAPI:
                                   settings.limits.upstream_timeout)
         await state.upstream.start()
         await _warm_up(state)
+        # Everything loaded so far (llm-guard, torch, models) lives as long as the process: move it out of
+        # the collector's view, so collections in the request path stay short (the original proxy's p99 was
+        # dominated by ~165 ms pauses walking these objects).
+        gc.collect()
+        gc.freeze()
         log.info("ollama-guard %s ready: upstream %s, device %s, input scanners [%s], output scanners [%s]",
                  __version__, settings.ollama_url, state.device,
                  ", ".join(s.name for s in state.policy.active("input")),

@@ -84,3 +84,20 @@ def test_scan_work_grows_linearly_with_answer_length(engine, size):
     assert max(work.values()) <= 1.2 * min(work.values())
     bound = len(guard.pattern) * (guard.overlap + guard.step) / guard.step + 1
     assert max(work.values()) <= bound
+
+
+def test_long_token_secret_longer_than_the_overlap_is_never_released_in_part(engine):
+    import base64
+    import json
+
+    def b64(obj):
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+    jwt = b64({"alg": "HS256", "typ": "JWT"}) + "." + b64({"sub": "user", "data": "x" * 400}) + "." + "s1gnatureAbC"
+    assert len(jwt) > 2 * engine.settings.stream.default_overlap
+    text = "Here is the token you asked for: " + jwt + " and some closing words. " * 8
+    guard = StreamGuard(engine, engine.settings)
+    history, step = run(feed_all(guard, text, 3))
+    assert step.violation is None
+    assert all(jwt[:12] not in h for h in history)
+    assert "******" in history[-1] and history[-1].endswith("closing words. ")

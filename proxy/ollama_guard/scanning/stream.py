@@ -31,6 +31,10 @@ from .policy import GuardScanner
 
 _SENTENCE_END = re.compile(r"[.!?。！？][\"')\]]*\s|\n")
 MAX_SENTENCE_WINDOW = 1024
+# The first pattern scan runs once overlap + FIRST_STEP characters arrived, so the first text goes out early.
+FIRST_STEP = 16
+# A run of non-space characters longer than this is treated as text, not as one token, for hold-back.
+MAX_WORD = 4096
 
 
 @dataclass(slots=True)
@@ -72,7 +76,7 @@ class StreamGuard:
             return self.released
         limit = len(self.text)
         if self.pattern:
-            limit = min(limit, self.p_scanned - self.overlap)
+            limit = min(limit, self._pattern_hold_start())
         if self.sentence:
             limit = min(limit, self.s_scanned)
         return max(self.released, limit)
@@ -85,7 +89,10 @@ class StreamGuard:
         # The first pattern scan waits until it can release something (overlap + step characters):
         # scanning earlier would only delay the first chunk with scans that release nothing.
         new_chars = len(self.text) - self.p_scanned
-        if self.pattern and new_chars >= self.step and (self.p_scanned or len(self.text) >= self.overlap + self.step):
+        if self.pattern and (
+            (self.p_scanned and new_chars >= self.step)
+            or (not self.p_scanned and len(self.text) >= self.overlap + FIRST_STEP)
+        ):
             violation = await self._scan_pattern()
         if violation is None and self.sentence:
             end = self._sentence_boundary()
@@ -121,8 +128,22 @@ class StreamGuard:
         self.released = len(self.text)
         return Step(self.released)
 
+    def _pattern_hold_start(self) -> int:
+        """Where held-back text starts: `overlap` characters before the scanned end, or earlier, at the start
+        of a word still running at that end (a token-shaped secret is never released in part, however long)."""
+        end = self.p_scanned
+        start = end - self.overlap
+        if end and not self.text[end - 1].isspace():
+            floor = max(0, end - MAX_WORD)
+            i = end
+            while i > floor and not self.text[i - 1].isspace():
+                i -= 1
+            if i > floor or floor == 0:
+                start = min(start, i)
+        return max(0, start)
+
     async def _scan_pattern(self) -> Verdict | None:
-        start = max(self.released, self.p_scanned - self.overlap)
+        start = max(self.released, min(self.p_scanned - self.overlap, self._pattern_hold_start()))
         end = len(self.text)
         verdict = await self._scan(self.pattern, start, end)
         self.p_scanned = len(self.text)

@@ -106,6 +106,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=8)
     ap.add_argument("--backend", default="memory", choices=["memory", "redis"])
+    ap.add_argument("--model", choices=["minilm"], help="add a PromptInjection scanner on this model")
+    ap.add_argument("--onnx", action="store_true", help="with --model: run it on ONNX Runtime")
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install wrk")
@@ -120,6 +122,14 @@ def main() -> None:
         import yaml
 
         policy = dict(POLICY, logging={"audit": False}, cache={"backend": args.backend, "max_size": 100000})
+        if args.model:
+            sys.path.insert(0, str(ROOT / "bench"))
+            from scan_throughput import build_models
+
+            model_dir = build_models(tmp / "models", [args.model])[args.model]
+            policy["input_scanners"] = POLICY["input_scanners"] + [{
+                "type": "PromptInjection", "params": {"threshold": 0.99},
+                "model": {"path": str(model_dir), "onnx": args.onnx}}]
         if args.backend == "redis":
             rport = free_port()
             procs.append(subprocess.Popen(["redis-server", "--port", str(rport), "--save", "", "--appendonly", "no"],
@@ -147,7 +157,8 @@ def main() -> None:
             rows.append((conns, d, h, u))
         st = httpx.get(proxy + "/stats").json()
         t_direct, t_proxy = ttfc(direct), ttfc(proxy)
-        print(f"\nproxy bench ({args.backend} cache, 1 worker, {args.duration}s per cell, wrk)")
+        extra = f", + PromptInjection on {args.model}{' (ONNX)' if args.onnx else ''}" if args.model else ""
+        print(f"\nproxy bench ({args.backend} cache, 1 worker, {args.duration}s per cell, wrk{extra})")
         print(f"{'conc':>4} {'direct rps':>11} {'hit rps':>9} {'unique rps':>11} "
               f"{'hit +p50 ms':>12} {'hit +p99 ms':>12} {'uniq +p50 ms':>13} {'uniq +p99 ms':>13} {'non2xx':>7}")
         for conns, d, h, u in rows:

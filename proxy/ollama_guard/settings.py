@@ -176,8 +176,9 @@ class ManagementConfig(_Section):
 class StreamConfig(_Section):
     # Pattern scanners run when this many new characters arrived (bounds scan work to O(n)).
     pattern_step: int = Field(64, ge=1)
-    # Plus the whole trailing word: token-shaped secrets are held back whole whatever their length.
-    default_overlap: int = Field(128, ge=1)
+    # Held back before the word still running at the scanned end: a match whose part before its last word
+    # is at most this long is always seen whole (token-shaped secrets with their keyword prefix).
+    default_overlap: int = Field(64, ge=1)
     sentence_context_chars: int = Field(200, ge=0)
 
 

@@ -101,3 +101,22 @@ def test_long_token_secret_longer_than_the_overlap_is_never_released_in_part(eng
     assert step.violation is None
     assert all(jwt[:12] not in h for h in history)
     assert "******" in history[-1] and history[-1].endswith("closing words. ")
+
+
+def test_keyword_prefixed_long_token_is_caught_across_chunks():
+    # A pattern whose last word is longer than the overlap, with a keyword before it: the window always
+    # reaches `overlap` characters before the running word, so the keyword is seen with the whole token.
+    settings = load_settings(overrides={"input_scanners": [], "output_scanners": [
+        {"type": "Regex", "action": "block", "params": {"patterns": [r"api_key\s*=\s*[A-Z0-9]{150}"]}}]},
+        environ={})
+    eng = ScanEngine(build_policy(settings), settings)
+    try:
+        key = ("AB12CD34EF" * 15)
+        text = "Some words before. Your config line is api_key = " + key + " and that is all. " * 5
+        for size in (1, 3, 8):
+            guard = StreamGuard(eng, settings)
+            history, step = run(feed_all(guard, text, size))
+            assert step.violation is not None and step.violation.blocked_by == ["Regex"]
+            assert all("api_key = AB12" not in h for h in history)
+    finally:
+        eng.close()

@@ -129,21 +129,22 @@ class StreamGuard:
         return Step(self.released)
 
     def _pattern_hold_start(self) -> int:
-        """Where held-back text starts: `overlap` characters before the scanned end, or earlier, at the start
-        of a word still running at that end (a token-shaped secret is never released in part, however long)."""
+        """Where held-back text starts: `overlap` characters before the word still running at the scanned end
+        (or before the end itself). A match is seen whole if what precedes its last word, separators
+        included, is at most `overlap` characters: a token-shaped secret however long, with its keyword."""
         end = self.p_scanned
-        start = end - self.overlap
+        start = end
         if end and not self.text[end - 1].isspace():
             floor = max(0, end - MAX_WORD)
             i = end
             while i > floor and not self.text[i - 1].isspace():
                 i -= 1
             if i > floor or floor == 0:
-                start = min(start, i)
-        return max(0, start)
+                start = i
+        return max(0, start - self.overlap)
 
     async def _scan_pattern(self) -> Verdict | None:
-        start = max(self.released, min(self.p_scanned - self.overlap, self._pattern_hold_start()))
+        start = max(self.released, self._pattern_hold_start())
         end = len(self.text)
         verdict = await self._scan(self.pattern, start, end)
         self.p_scanned = len(self.text)

@@ -590,11 +590,14 @@ async def _wait_disconnect(request: Request) -> None:
 
 
 async def _raw_relay(resp: Any) -> Any:
+    done = False
     try:
         async for chunk in resp.content.iter_any():
             yield chunk
+        done = True
     finally:
-        resp.release()
+        # Cut short (client gone, error): close the connection so Ollama stops; else back to the pool.
+        resp.release() if done else resp.close()
 
 
 async def _iter_list(items: list[bytes]) -> Any:
@@ -602,8 +605,30 @@ async def _iter_list(items: list[bytes]) -> Any:
         yield item
 
 
+class _DisconnectAwareStreamingResponse(StreamingResponse):
+    """Streams while watching for the client to go away, whatever ASGI spec version the server speaks.
+
+    Starlette relies on `send` raising once the client is gone (ASGI >= 2.4), but a server may drop writes to
+    a closed connection silently, and a guarded stream would then pull Ollama's whole answer for nobody.
+    Cancelling the body iterator runs its `finally`, which closes the upstream connection.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        import anyio
+
+        async with anyio.create_task_group() as tg:
+
+            async def stream() -> None:
+                await self.stream_response(send)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(stream)
+            await self.listen_for_disconnect(receive)
+            tg.cancel_scope.cancel()
+
+
 def _stream_response(gen: Any, status: int, headers: list[tuple[str, str]], media_type: str | None = None) -> Response:
-    r = StreamingResponse(gen, status_code=status, media_type=media_type)
+    r = _DisconnectAwareStreamingResponse(gen, status_code=status, media_type=media_type)
     r.raw_headers = [h for h in r.raw_headers if h[0] == b"content-type"] + [
         h for h in _raw_headers(headers) if h[0] != b"content-type" or media_type is None
     ]

@@ -115,6 +115,7 @@ class GuardedStream:
         return out
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        done = False
         try:
             async for raw, obj in iter_events(self.resp, self.route):
                 text = chunk_text(self.route, obj) if obj is not None else None
@@ -153,12 +154,14 @@ class GuardedStream:
                                                  self.violation.blocked_by or self.violation.fired,
                                                  self.blocked_message):
                     yield piece
+            done = self.violation is None
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             log.warning("upstream stream broke: %s", type(exc).__name__)
             self.resp.close()
             yield from_broken_stream(self.route, self.template, self.model)
         finally:
-            self.resp.release()
+            # Cut short (client gone, violation, error): close the connection so Ollama stops generating.
+            self.resp.release() if done else self.resp.close()
 
 
 @dataclass(slots=True)

@@ -100,7 +100,7 @@ def test_upstream_errors_pass_through_with_status(proxy):
 def test_client_disconnect_stops_the_upstream_stream(proxy, upstream):
     fake = upstream.fake
     before = fake.closed_early
-    body = {"model": "m", "messages": [{"role": "user", "content": "REPEAT 400: word "}],
+    body = {"model": "m", "messages": [{"role": "user", "content": "REPEAT 400: a word. "}],
             "options": {"fake_chunk_chars": 5, "fake_delay_ms": 5}}
     with httpx.stream("POST", proxy.url + "/api/chat", json=body) as r:
         for _ in r.iter_lines():
@@ -108,3 +108,20 @@ def test_client_disconnect_stops_the_upstream_stream(proxy, upstream):
     from .conftest import wait_for
 
     wait_for(lambda: fake.closed_early > before, 10, "upstream stream to be closed")
+
+
+def test_slow_upstream_is_504_in_dialect(start_proxy):
+    p = start_proxy(**pure(limits={"upstream_timeout": 0.2}))
+    r = httpx.post(p.url + "/api/chat", json={"model": "m", "stream": False, "options": {"fake_delay_ms": 2000},
+                                              "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 504 and "in time" in r.json()["error"]
+
+
+def test_system_messages_are_scanned_only_when_configured(start_proxy, upstream):
+    from .policies import BANNED_IN
+
+    body = {"model": "m", "stream": False, "messages": [{"role": "system", "content": f"be {BANNED_IN}"},
+                                                        {"role": "user", "content": "hi"}]}
+    assert httpx.post(start_proxy(**pure()).url + "/api/chat", json=body).status_code == 200
+    strict = start_proxy(**pure(scan_system_messages=True))
+    assert httpx.post(strict.url + "/api/chat", json=body).status_code == 403

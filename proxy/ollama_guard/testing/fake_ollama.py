@@ -141,6 +141,8 @@ class FakeOllama:
                        "prompt_eval_count": 10, "prompt_eval_duration": 1000, "eval_count": len(answer) // 4 + 1,
                        "eval_duration": 100000}
         if not body.get("stream", True):
+            if opts.get("fake_delay_ms"):
+                await asyncio.sleep(float(opts["fake_delay_ms"]) / 1000)
             return web.Response(body=orjson.dumps({**base, "created_at": _created_at(),
                                                    "message": {"role": "assistant", "content": answer},
                                                    "done": True, **final_stats}),

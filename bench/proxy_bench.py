@@ -28,12 +28,20 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 POLICY = {
-    "input_scanners": [{"type": "InvisibleText"}, {"type": "Secrets", "action": "sanitize"},
-                       {"type": "TokenLimit", "params": {"limit": 4096}}],
+    "input_scanners": [
+        {"type": "InvisibleText"},
+        {"type": "Secrets", "action": "sanitize"},
+        {"type": "TokenLimit", "params": {"limit": 4096}},
+    ],
     "output_scanners": [{"type": "Secrets", "action": "sanitize"}],
 }
-SAME_BODY = json.dumps({"model": "llama3.2", "stream": False,
-                        "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+SAME_BODY = json.dumps(
+    {
+        "model": "llama3.2",
+        "stream": False,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+    }
+)
 UNIQUE_LUA = r"""
 local counter = 0
 local words = {"alpha","bravo","charlie","delta","echo","foxtrot","golf","hotel","india","juliet","kilo","lima"}
@@ -48,11 +56,11 @@ request = function()
   return wrk.format("POST", "/api/chat", {["Content-Type"]="application/json"}, body)
 end
 """
-SAME_LUA = """
+SAME_LUA = f"""
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
-wrk.body = '%s'
-""" % SAME_BODY
+wrk.body = '{SAME_BODY}'
+"""
 
 
 def free_port() -> int:
@@ -74,8 +82,24 @@ def wait_http(url: str, timeout: float = 120) -> None:
 
 
 def wrk(url: str, script: Path, conns: int, duration: int) -> dict[str, float]:
-    out = subprocess.run(["wrk", "-t", "1" if conns == 1 else "2", "-c", str(conns), "-d", f"{duration}s",
-                          "--latency", "-s", str(script), url], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t",
+            "1" if conns == 1 else "2",
+            "-c",
+            str(conns),
+            "-d",
+            f"{duration}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     lat = {}
     for p in ("50", "99"):
@@ -83,7 +107,12 @@ def wrk(url: str, script: Path, conns: int, duration: int) -> dict[str, float]:
         v, unit = float(m.group(1)), m.group(2)
         lat[p] = v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": rps, "p50_ms": lat["50"], "p99_ms": lat["99"], "non2xx": int(errors.group(1)) if errors else 0}
+    return {
+        "rps": rps,
+        "p50_ms": lat["50"],
+        "p99_ms": lat["99"],
+        "non2xx": int(errors.group(1)) if errors else 0,
+    }
 
 
 def ttfc(url: str, n: int = 200) -> float:
@@ -116,8 +145,9 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     try:
         up_port, px_port = free_port(), free_port()
-        procs.append(subprocess.Popen([PY, "-m", "ollama_guard.testing.fake_ollama", "--port", str(up_port)],
-                                      env=env))
+        procs.append(
+            subprocess.Popen([PY, "-m", "ollama_guard.testing.fake_ollama", "--port", str(up_port)], env=env)
+        )
         cfg = tmp / "config.yaml"
         import yaml
 
@@ -127,17 +157,40 @@ def main() -> None:
             from scan_throughput import build_models
 
             model_dir = build_models(tmp / "models", [args.model])[args.model]
-            policy["input_scanners"] = POLICY["input_scanners"] + [{
-                "type": "PromptInjection", "params": {"threshold": 0.99},
-                "model": {"path": str(model_dir), "onnx": args.onnx}}]
+            policy["input_scanners"] = POLICY["input_scanners"] + [
+                {
+                    "type": "PromptInjection",
+                    "params": {"threshold": 0.99},
+                    "model": {"path": str(model_dir), "onnx": args.onnx},
+                }
+            ]
         if args.backend == "redis":
             rport = free_port()
-            procs.append(subprocess.Popen(["redis-server", "--port", str(rport), "--save", "", "--appendonly", "no"],
-                                          stdout=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(
+                    ["redis-server", "--port", str(rport), "--save", "", "--appendonly", "no"],
+                    stdout=subprocess.DEVNULL,
+                )
+            )
             policy["redis"] = {"url": f"redis://127.0.0.1:{rport}/0"}
         cfg.write_text(yaml.safe_dump(policy))
-        procs.append(subprocess.Popen([PY, "-m", "ollama_guard.cli", "-c", str(cfg), "serve", "--port", str(px_port),
-                                       "--ollama-url", f"http://127.0.0.1:{up_port}"], env=env))
+        procs.append(
+            subprocess.Popen(
+                [
+                    PY,
+                    "-m",
+                    "ollama_guard.cli",
+                    "-c",
+                    str(cfg),
+                    "serve",
+                    "--port",
+                    str(px_port),
+                    "--ollama-url",
+                    f"http://127.0.0.1:{up_port}",
+                ],
+                env=env,
+            )
+        )
         direct, proxy = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{px_port}"
         wait_http(direct + "/")
         wait_http(proxy + "/ready")
@@ -159,16 +212,24 @@ def main() -> None:
         t_direct, t_proxy = ttfc(direct), ttfc(proxy)
         extra = f", + PromptInjection on {args.model}{' (ONNX)' if args.onnx else ''}" if args.model else ""
         print(f"\nproxy bench ({args.backend} cache, 1 worker, {args.duration}s per cell, wrk{extra})")
-        print(f"{'conc':>4} {'direct rps':>11} {'hit rps':>9} {'unique rps':>11} "
-              f"{'hit +p50 ms':>12} {'hit +p99 ms':>12} {'uniq +p50 ms':>13} {'uniq +p99 ms':>13} {'non2xx':>7}")
+        print(
+            f"{'conc':>4} {'direct rps':>11} {'hit rps':>9} {'unique rps':>11} "
+            f"{'hit +p50 ms':>12} {'hit +p99 ms':>12} {'uniq +p50 ms':>13} {'uniq +p99 ms':>13} {'non2xx':>7}"
+        )
         for conns, d, h, u in rows:
-            print(f"{conns:>4} {d['rps']:>11.0f} {h['rps']:>9.0f} {u['rps']:>11.0f} "
-                  f"{h['p50_ms'] - d['p50_ms']:>12.2f} {h['p99_ms'] - d['p99_ms']:>12.2f} "
-                  f"{u['p50_ms'] - d['p50_ms']:>13.2f} {u['p99_ms'] - d['p99_ms']:>13.2f} "
-                  f"{h['non2xx'] + u['non2xx']:>7}")
-        print(f"streaming time to first chunk p50: direct {t_direct:.2f} ms, proxy {t_proxy:.2f} ms "
-              f"(+{t_proxy - t_direct:.2f} ms)")
-        print(f"cache hit rate {st['cache']['hit_rate']:.3f}; idle RSS with the default-style policy {rss_idle:.0f} MB")
+            print(
+                f"{conns:>4} {d['rps']:>11.0f} {h['rps']:>9.0f} {u['rps']:>11.0f} "
+                f"{h['p50_ms'] - d['p50_ms']:>12.2f} {h['p99_ms'] - d['p99_ms']:>12.2f} "
+                f"{u['p50_ms'] - d['p50_ms']:>13.2f} {u['p99_ms'] - d['p99_ms']:>13.2f} "
+                f"{h['non2xx'] + u['non2xx']:>7}"
+            )
+        print(
+            f"streaming time to first chunk p50: direct {t_direct:.2f} ms, proxy {t_proxy:.2f} ms "
+            f"(+{t_proxy - t_direct:.2f} ms)"
+        )
+        print(
+            f"cache hit rate {st['cache']['hit_rate']:.3f}; idle RSS with the default-style policy {rss_idle:.0f} MB"
+        )
     finally:
         for p in reversed(procs):
             p.terminate()

@@ -24,8 +24,18 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import __version__
 from .cache import VerdictCache
-from .dialects import OLLAMA, OPENAI, ROUTES, BadRequest, Route, blocked_message_response, blocked_message_stream, \
-    chunk_text, error_body, with_text
+from .dialects import (
+    OLLAMA,
+    OPENAI,
+    ROUTES,
+    BadRequest,
+    Route,
+    blocked_message_response,
+    blocked_message_stream,
+    chunk_text,
+    error_body,
+    with_text,
+)
 from .logs import audit_log, request_id
 from .metrics import Metrics
 from .ratelimit import RateLimiter
@@ -82,7 +92,9 @@ def _raw_headers(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
 
 
-def make_response(body: bytes, status: int, headers: list[tuple[str, str]], media_type: str | None = None) -> Response:
+def make_response(
+    body: bytes, status: int, headers: list[tuple[str, str]], media_type: str | None = None
+) -> Response:
     r = Response(body, status_code=status, media_type=media_type)
     r.raw_headers = [h for h in r.raw_headers if h[0] in (b"content-length", b"content-type")] + [
         h for h in _raw_headers(headers) if h[0] != b"content-type" or media_type is None
@@ -90,7 +102,9 @@ def make_response(body: bytes, status: int, headers: list[tuple[str, str]], medi
     return r
 
 
-def error_response(dialect: str, status: int, message: str, code: str, extra: list[tuple[str, str]] = ()) -> Response:  # type: ignore[assignment]
+def error_response(
+    dialect: str, status: int, message: str, code: str, extra: list[tuple[str, str]] = ()
+) -> Response:  # type: ignore[assignment]
     etype = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
         status, "invalid_request_error" if status < 500 else "api_error"
     )
@@ -139,14 +153,27 @@ class Gate:
         path: str = scope["path"]
         headers = dict(scope["headers"])
         rid_raw = headers.get(b"x-request-id", b"")
-        rid = rid_raw.decode("latin-1") if 0 < len(rid_raw) <= 128 and rid_raw.isascii() and b" " not in rid_raw \
+        rid = (
+            rid_raw.decode("latin-1")
+            if 0 < len(rid_raw) <= 128 and rid_raw.isascii() and b" " not in rid_raw
             else _new_id()
+        )
         token = request_id.set(rid)
         extra = [*self.extra, (b"x-request-id", rid.encode("latin-1"))]
         outcome = {"status": 500, "decision": "error"}
-        label = path if path in ROUTE_LABELS else ("/v1/models/{model}" if path.startswith("/v1/models/") else
-                                                   "/api/blobs/{digest}" if path.startswith("/api/blobs/") else
-                                                   "/admin" if path.startswith("/admin/") else "other")
+        label = (
+            path
+            if path in ROUTE_LABELS
+            else (
+                "/v1/models/{model}"
+                if path.startswith("/v1/models/")
+                else "/api/blobs/{digest}"
+                if path.startswith("/api/blobs/")
+                else "/admin"
+                if path.startswith("/admin/")
+                else "other"
+            )
+        )
         dialect = dialect_of(path) if label not in PROBES else "other"
 
         async def send_wrapped(message: dict[str, Any]) -> None:
@@ -200,15 +227,21 @@ class Gate:
             if not (auth.admin_configured and st.settings.management.admin_enabled):
                 return error_response(dialect, 404, "admin endpoints are not enabled", "not_found"), "denied"
             if not auth.check_admin(presented):
-                return error_response(dialect, 401, "admin token required", "unauthorized",
-                                      [("WWW-Authenticate", "Bearer")]), "denied"
+                return error_response(
+                    dialect, 401, "admin token required", "unauthorized", [("WWW-Authenticate", "Bearer")]
+                ), "denied"
             return None
         principal: Principal | None = None
         if auth.enabled:
             principal = auth.check_key(presented)
             if principal is None and not (path == "/stats" and auth.check_admin(presented)):
-                return error_response(dialect, 401, "a valid API key is required", "invalid_api_key",
-                                      [("WWW-Authenticate", "Bearer")]), "denied"
+                return error_response(
+                    dialect,
+                    401,
+                    "a valid API key is required",
+                    "invalid_api_key",
+                    [("WWW-Authenticate", "Bearer")],
+                ), "denied"
         scope["state"]["principal"] = principal
         if st.limiter is not None and path != "/stats":
             who = f"key:{principal.name}" if principal else f"ip:{ip}"
@@ -217,8 +250,9 @@ class Gate:
             extra.extend(rl_headers)
             if not decision.allowed:
                 st.metrics.rate_limited.labels(principal.name if principal else "anonymous").inc()
-                return error_response(dialect, 429, "rate limit exceeded; retry later", "rate_limit_exceeded"), \
-                    "rate_limited"
+                return error_response(
+                    dialect, 429, "rate limit exceeded; retry later", "rate_limit_exceeded"
+                ), "rate_limited"
         return None
 
 
@@ -231,7 +265,10 @@ def _new_id() -> str:
 def _with_decision(send: Send, decision: str) -> Send:
     async def wrapped(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", []), (b"x-guard-decision", decision.encode())]}
+            message = {
+                **message,
+                "headers": [*message.get("headers", []), (b"x-guard-decision", decision.encode())],
+            }
         await send(message)
 
     return wrapped
@@ -267,8 +304,9 @@ def decision_header(decision: str, scanners: list[str]) -> tuple[str, str]:
     return ("X-Guard-Decision", f"{decision}; scanners={','.join(scanners)}" if scanners else decision)
 
 
-def scan_header(verdicts: list[Verdict], direction: str, directions: dict[int, str] | None = None
-                ) -> tuple[str, str] | None:
+def scan_header(
+    verdicts: list[Verdict], direction: str, directions: dict[int, str] | None = None
+) -> tuple[str, str] | None:
     """`X-Guard-Scanners: input:Secrets;score=1.00;ms=2.9, ...`: per scanner, the top score and total time."""
     merged: dict[tuple[str, str], tuple[float, float]] = {}
     for v in verdicts:
@@ -297,8 +335,13 @@ class Handlers:
                 self.st.metrics.upstream_errors.labels(exc.kind).inc()
                 return error_response(route.dialect, exc.status, exc.message, "upstream_" + exc.kind)
             except GuardUnavailable as exc:
-                return error_response(route.dialect, 503, f"guard not ready: required scanners missing ({exc})",
-                                      "guard_unavailable", [decision_header("error", str(exc).split(", "))])
+                return error_response(
+                    route.dialect,
+                    503,
+                    f"guard not ready: required scanners missing ({exc})",
+                    "guard_unavailable",
+                    [decision_header("error", str(exc).split(", "))],
+                )
 
         return handler
 
@@ -341,16 +384,24 @@ class Handlers:
         sh = scan_header(in_verdicts, "input")
         if sh:
             guard_headers.append(sh)
-        out_on = s.enable_output_guard and st.engine.has_scanners("output") and route.kind in ("chat", "generate",
-                                                                                              "completion")
+        out_on = (
+            s.enable_output_guard
+            and st.engine.has_scanners("output")
+            and route.kind in ("chat", "generate", "completion")
+        )
         if req.stream and resp.status == 200 and resp.headers.get("Content-Encoding") is None:
             up_headers = response_headers(resp.headers)
             if not out_on:
                 return _stream_response(_raw_relay(resp), resp.status, up_headers + guard_headers)
             guard = StreamGuard(st.engine, s, prompt=req.prompt, vault=vault)
-            relay = GuardedStream(resp, route, guard, req.model,
-                                  s.blocked_message if s.blocked_response == "message" else None,
-                                  on_stop=lambda v: self._stream_stopped(request, req, v, route))
+            relay = GuardedStream(
+                resp,
+                route,
+                guard,
+                req.model,
+                s.blocked_message if s.blocked_response == "message" else None,
+                on_stop=lambda v: self._stream_stopped(request, req, v, route),
+            )
             return _stream_response(relay.__aiter__(), resp.status, up_headers + guard_headers)
         try:
             body = await _until_disconnect(request, resp.read())
@@ -385,8 +436,15 @@ class Handlers:
         self._audit(request, req, decision, fired, in_verdicts, out_verdicts, 200, started)
         return make_response(body, 200, up_headers + guard_headers)
 
-    def _blocked(self, request: Request, req: GuardedRequest, verdicts: list[Verdict], direction: str,
-                 started: float, earlier: list[Verdict] = ()) -> Response:  # type: ignore[assignment]
+    def _blocked(
+        self,
+        request: Request,
+        req: GuardedRequest,
+        verdicts: list[Verdict],
+        direction: str,
+        started: float,
+        earlier: list[Verdict] = (),
+    ) -> Response:  # type: ignore[assignment]
         s = self.st.settings
         names = sorted({n for v in verdicts for n in v.blocked_by})
         errored = any(v.error for v in verdicts) and not any(
@@ -397,31 +455,72 @@ class Handlers:
         sh = scan_header(verdicts, direction)
         if sh:
             headers.append(sh)
-        self._audit(request, req, decision, names, list(earlier) if direction == "output" else verdicts,
-                    verdicts if direction == "output" else [], 403, started)
-        if s.blocked_response == "message" and req.route.kind in ("chat", "generate", "completion") and not errored:
+        self._audit(
+            request,
+            req,
+            decision,
+            names,
+            list(earlier) if direction == "output" else verdicts,
+            verdicts if direction == "output" else [],
+            403,
+            started,
+        )
+        if (
+            s.blocked_response == "message"
+            and req.route.kind in ("chat", "generate", "completion")
+            and not errored
+        ):
             if req.stream:
-                return _stream_response(_iter_list(blocked_message_stream(req.route, req.model, s.blocked_message)),
-                                        200, headers, "application/x-ndjson" if req.route.dialect == OLLAMA
-                                        else "text/event-stream")
-            return make_response(blocked_message_response(req.route, req.model, s.blocked_message), 200, headers,
-                                 "application/json")
+                return _stream_response(
+                    _iter_list(blocked_message_stream(req.route, req.model, s.blocked_message)),
+                    200,
+                    headers,
+                    "application/x-ndjson" if req.route.dialect == OLLAMA else "text/event-stream",
+                )
+            return make_response(
+                blocked_message_response(req.route, req.model, s.blocked_message),
+                200,
+                headers,
+                "application/json",
+            )
         if errored:
-            return error_response(req.route.dialect, 503, f"a guard failed while checking the {direction} "
-                                  f"({', '.join(names)}); refused because block_on_guard_error is on",
-                                  "guard_error", headers)
+            return error_response(
+                req.route.dialect,
+                503,
+                f"a guard failed while checking the {direction} "
+                f"({', '.join(names)}); refused because block_on_guard_error is on",
+                "guard_error",
+                headers,
+            )
         what = "prompt" if direction == "input" else "answer"
-        return error_response(req.route.dialect, 403, f"The {what} was blocked by the guard: {', '.join(names)}.",
-                              f"{'prompt' if direction == 'input' else 'output'}_blocked", headers)
+        return error_response(
+            req.route.dialect,
+            403,
+            f"The {what} was blocked by the guard: {', '.join(names)}.",
+            f"{'prompt' if direction == 'input' else 'output'}_blocked",
+            headers,
+        )
 
     def _stream_stopped(self, request: Request, req: GuardedRequest, verdict: Verdict, route: Route) -> None:
         names = verdict.blocked_by or verdict.fired
         for n in names:
             self.st.metrics.streams_stopped.labels(route.dialect, n).inc()
-        self._audit(request, req, "blocked", names, [], [verdict], 200, time.perf_counter(), stream_stopped=True)
+        self._audit(
+            request, req, "blocked", names, [], [verdict], 200, time.perf_counter(), stream_stopped=True
+        )
 
-    def _audit(self, request: Request, req: GuardedRequest, decision: str, fired: list[str],
-               in_v: list[Verdict], out_v: list[Verdict], status: int, started: float, **extra: Any) -> None:
+    def _audit(
+        self,
+        request: Request,
+        req: GuardedRequest,
+        decision: str,
+        fired: list[str],
+        in_v: list[Verdict],
+        out_v: list[Verdict],
+        status: int,
+        started: float,
+        **extra: Any,
+    ) -> None:
         s = self.st.settings
         if not s.logging.audit:
             return
@@ -434,10 +533,19 @@ class Handlers:
             "decision": decision,
             "status": status,
             "fired": sorted(set(fired)),
-            "scores": {f"{d}:{r.scanner}": round(r.score, 3) for d, vs in (("input", in_v), ("output", out_v))
-                       for v in vs for r in v.results if r.fired},
-            "scan_ms": {f"{d}:{r.scanner}": round(r.ms, 2) for d, vs in (("input", in_v), ("output", out_v))
-                        for v in vs for r in v.results},
+            "scores": {
+                f"{d}:{r.scanner}": round(r.score, 3)
+                for d, vs in (("input", in_v), ("output", out_v))
+                for v in vs
+                for r in v.results
+                if r.fired
+            },
+            "scan_ms": {
+                f"{d}:{r.scanner}": round(r.ms, 2)
+                for d, vs in (("input", in_v), ("output", out_v))
+                for v in vs
+                for r in v.results
+            },
             "cached": sum(1 for v in in_v if v.cached),
             "ms": round((time.perf_counter() - started) * 1000.0, 2),
             **extra,
@@ -459,8 +567,12 @@ class Handlers:
 
     async def management(self, request: Request) -> Response:
         if not self.st.settings.management.allow_model_management:
-            return error_response(OLLAMA, 403, "model management endpoints are disabled on this proxy "
-                                  "(management.allow_model_management)", "management_disabled")
+            return error_response(
+                OLLAMA,
+                403,
+                "model management endpoints are disabled on this proxy (management.allow_model_management)",
+                "management_disabled",
+            )
         return await self.passthrough(request)
 
     async def _forward(self, request: Request) -> Response:
@@ -471,7 +583,9 @@ class Handlers:
             if request.url.path.startswith("/api/blobs/"):
                 body = request.stream()  # model layers: streamed, never held in memory
             else:
-                body = await read_body(request, st.settings.limits.max_body_bytes, st.settings.limits.body_read_timeout)
+                body = await read_body(
+                    request, st.settings.limits.max_body_bytes, st.settings.limits.body_read_timeout
+                )
         drop = _DROP_AUTH if st.settings.auth.enabled else frozenset()
         headers = forward_headers(request.headers.items(), drop)
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
@@ -488,11 +602,11 @@ class Handlers:
             "device": st.device,
             "ready": bool(policy and policy.ready),
             "guards": {"input": st.settings.enable_input_guard, "output": st.settings.enable_output_guard},
-            "scanners": {
-                f"{s.direction}/{s.name}": s.describe() for s in (policy.all() if policy else [])
-            },
+            "scanners": {f"{s.direction}/{s.name}": s.describe() for s in (policy.all() if policy else [])},
         }
-        missing = [f"{s.direction}/{s.name}: {s.missing}" for s in (policy.all() if policy else []) if s.missing]
+        missing = [
+            f"{s.direction}/{s.name}: {s.missing}" for s in (policy.all() if policy else []) if s.missing
+        ]
         if missing:
             body["problems"] = missing
         return make_response(orjson.dumps(body), 200, [], "application/json")
@@ -503,8 +617,10 @@ class Handlers:
         if st.policy is None:
             reasons.append("scanners not loaded yet")
         else:
-            reasons += [f"required scanner {s.direction}/{s.name} missing: {s.missing}"
-                        for s in st.policy.missing_required()]
+            reasons += [
+                f"required scanner {s.direction}/{s.name} missing: {s.missing}"
+                for s in st.policy.missing_required()
+            ]
         body = {"ready": not reasons, **({"reasons": reasons} if reasons else {})}
         return make_response(orjson.dumps(body), 503 if reasons else 200, [], "application/json")
 
@@ -523,14 +639,23 @@ class Handlers:
         up_ok, up_s = await st.upstream.health()
         body: dict[str, Any] = {
             "version": __version__,
-            "platform": {"system": platform.system(), "machine": platform.machine(),
-                         "python": platform.python_version(), "device": st.device,
-                         "fp16": bool(st.policy and st.policy.device and st.policy.device.fp16)},
-            "upstream": {"url": st.settings.ollama_url, "healthy": up_ok,
-                         "latency_ms": round(up_s * 1000, 2) if up_s is not None else None},
+            "platform": {
+                "system": platform.system(),
+                "machine": platform.machine(),
+                "python": platform.python_version(),
+                "device": st.device,
+                "fp16": bool(st.policy and st.policy.device and st.policy.device.fp16),
+            },
+            "upstream": {
+                "url": st.settings.ollama_url,
+                "healthy": up_ok,
+                "latency_ms": round(up_s * 1000, 2) if up_s is not None else None,
+            },
             "cache": await st.cache.stats() if st.cache else {"enabled": False},
-            "rate_limit": {"enabled": st.limiter is not None,
-                           "backend": st.limiter.backend if st.limiter else None},
+            "rate_limit": {
+                "enabled": st.limiter is not None,
+                "backend": st.limiter.backend if st.limiter else None,
+            },
             **st.stats.snapshot(),
         }
         return make_response(orjson.dumps(body), 200, [], "application/json")
@@ -549,14 +674,17 @@ class Handlers:
         body = {
             "settings": st.settings.model_dump(mode="json", exclude={"auth": True, "redis": {"password"}}),
             "policy_fingerprints": st.policy.fingerprints if st.policy else {},
-            "scanners": {f"{s.direction}/{s.name}": s.describe() for s in (st.policy.all() if st.policy else [])},
+            "scanners": {
+                f"{s.direction}/{s.name}": s.describe() for s in (st.policy.all() if st.policy else [])
+            },
             "api_keys": [k.name for k in (st.auth.keys if st.auth else [])],
         }
         return make_response(orjson.dumps(body), 200, [], "application/json")
 
     async def not_found(self, request: Request) -> Response:
-        return error_response(dialect_of(request.url.path), 404, f"{request.url.path} is not served by the guard",
-                              "not_found")
+        return error_response(
+            dialect_of(request.url.path), 404, f"{request.url.path} is not served by the guard", "not_found"
+        )
 
 
 def _new_vault() -> Any:
@@ -627,7 +755,9 @@ class _DisconnectAwareStreamingResponse(StreamingResponse):
             tg.cancel_scope.cancel()
 
 
-def _stream_response(gen: Any, status: int, headers: list[tuple[str, str]], media_type: str | None = None) -> Response:
+def _stream_response(
+    gen: Any, status: int, headers: list[tuple[str, str]], media_type: str | None = None
+) -> Response:
     r = _DisconnectAwareStreamingResponse(gen, status_code=status, media_type=media_type)
     r.raw_headers = [h for h in r.raw_headers if h[0] == b"content-type"] + [
         h for h in _raw_headers(headers) if h[0] != b"content-type" or media_type is None
@@ -648,7 +778,9 @@ def create_app(settings: Settings, policy: Policy | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> Any:
         state.policy = policy if policy is not None else await asyncio.to_thread(build_policy, settings)
         metrics.policy_loaded(state.policy)
-        state.cache = VerdictCache(settings.cache, settings.redis, metrics) if settings.cache.enabled else None
+        state.cache = (
+            VerdictCache(settings.cache, settings.redis, metrics) if settings.cache.enabled else None
+        )
         state.engine = ScanEngine(state.policy, settings, state.cache, metrics)
         state.engine.metrics = _Observer(metrics, state.stats)
         state.validator = Validator(settings)
@@ -657,8 +789,9 @@ def create_app(settings: Settings, policy: Policy | None = None) -> FastAPI:
                 settings.rate_limit.backend == "auto" and settings.cache.backend in ("auto", "redis")
             )
             state.limiter = RateLimiter(settings.rate_limit, settings.redis, use_redis, metrics)
-        state.upstream = Upstream(settings.ollama_url, settings.limits.upstream_connect_timeout,
-                                  settings.limits.upstream_timeout)
+        state.upstream = Upstream(
+            settings.ollama_url, settings.limits.upstream_connect_timeout, settings.limits.upstream_timeout
+        )
         await state.upstream.start()
         await _warm_up(state)
         # Everything loaded so far (llm-guard, torch, models) lives as long as the process: move it out of
@@ -666,10 +799,14 @@ def create_app(settings: Settings, policy: Policy | None = None) -> FastAPI:
         # dominated by ~165 ms pauses walking these objects).
         gc.collect()
         gc.freeze()
-        log.info("ollama-guard %s ready: upstream %s, device %s, input scanners [%s], output scanners [%s]",
-                 __version__, settings.ollama_url, state.device,
-                 ", ".join(s.name for s in state.policy.active("input")),
-                 ", ".join(s.name for s in state.policy.active("output")))
+        log.info(
+            "ollama-guard %s ready: upstream %s, device %s, input scanners [%s], output scanners [%s]",
+            __version__,
+            settings.ollama_url,
+            state.device,
+            ", ".join(s.name for s in state.policy.active("input")),
+            ", ".join(s.name for s in state.policy.active("output")),
+        )
         try:
             yield
         finally:
@@ -695,13 +832,19 @@ def create_app(settings: Settings, policy: Policy | None = None) -> FastAPI:
     app.add_route("/admin/cache/clear", handlers.admin_cache_clear, methods=["POST"])
     app.add_route("/admin/cache/cleanup", handlers.admin_cache_cleanup, methods=["POST"])
     app.add_route("/admin/stats", handlers.admin_stats, methods=["GET"])
-    app.add_route("/{rest:path}", handlers.not_found, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"])
+    app.add_route(
+        "/{rest:path}", handlers.not_found, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"]
+    )
     if settings.cors.allow_origins:
         from starlette.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors.allow_origins,
-                           allow_credentials=settings.cors.allow_credentials,
-                           allow_methods=settings.cors.allow_methods, allow_headers=settings.cors.allow_headers)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors.allow_origins,
+            allow_credentials=settings.cors.allow_credentials,
+            allow_methods=settings.cors.allow_methods,
+            allow_headers=settings.cors.allow_headers,
+        )
     app.add_middleware(Gate, state=state)
     return app
 
@@ -726,7 +869,12 @@ async def _warm_up(state: ProxyState) -> None:
     for direction in ("input", "output"):
         if state.engine.has_scanners(direction):
             try:
-                await state.engine.scan_window(state.policy.active(direction), "warm up the guard.", "warm up",
-                                               direction=direction, observe=False)
+                await state.engine.scan_window(
+                    state.policy.active(direction),
+                    "warm up the guard.",
+                    "warm up",
+                    direction=direction,
+                    observe=False,
+                )
             except Exception:  # warm-up is best effort; real scans report their own errors
                 log.exception("warm-up scan failed")

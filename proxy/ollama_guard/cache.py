@@ -112,7 +112,9 @@ class VerdictCache:
         self.cfg = cfg
         self.metrics = metrics
         self.memory = MemoryCache(cfg.max_size, cfg.ttl)
-        self.redis: RedisCache | None = RedisCache(redis_cfg, cfg.ttl) if cfg.backend in ("auto", "redis") else None
+        self.redis: RedisCache | None = (
+            RedisCache(redis_cfg, cfg.ttl) if cfg.backend in ("auto", "redis") else None
+        )
         self.retry_interval = redis_cfg.retry_interval
         self._redis_down_until = 0.0
         self.hits = 0

@@ -44,8 +44,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logs.configure(settings.logging.level, settings.logging.json_format)
     import uvicorn
 
-    common = dict(host=settings.proxy_host, port=settings.proxy_port, log_level="warning", access_log=False,
-                  proxy_headers=False, server_header=False, date_header=False, timeout_keep_alive=30, lifespan="on")
+    common = dict(
+        host=settings.proxy_host,
+        port=settings.proxy_port,
+        log_level="warning",
+        access_log=False,
+        proxy_headers=False,
+        server_header=False,
+        date_header=False,
+        timeout_keep_alive=30,
+        lifespan="on",
+    )
     if settings.workers == 1:
         from .app import create_app
 
@@ -142,7 +151,10 @@ def cmd_node(args: argparse.Namespace, rest: list[str]) -> int:
     try:
         from ollama_guard_operator.nodecli import main as node_main
     except ImportError:
-        print("ollama-guard node needs the operator extra: pip install 'ollama-guard[operator]'", file=sys.stderr)
+        print(
+            "ollama-guard node needs the operator extra: pip install 'ollama-guard[operator]'",
+            file=sys.stderr,
+        )
         return 2
     return int(node_main(rest) or 0)
 
@@ -178,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-load", action="store_true", help="validate only; do not load scanners")
     s.set_defaults(func=cmd_config_check)
 
-    sub.add_parser("node", help="register Mac minis as ScanNodes (register|list|remove; see --help)", add_help=False)
+    sub.add_parser(
+        "node", help="register Mac minis as ScanNodes (register|list|remove; see --help)", add_help=False
+    )
     return ap
 
 

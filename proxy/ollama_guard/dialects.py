@@ -108,8 +108,9 @@ def with_text(route: Route, obj: dict[str, Any], text: str) -> dict[str, Any]:
     return out
 
 
-def stopped_stream_tail(route: Route, template: dict[str, Any] | None, model: str, scanners: list[str],
-                        message: str | None) -> list[bytes]:
+def stopped_stream_tail(
+    route: Route, template: dict[str, Any] | None, model: str, scanners: list[str], message: str | None
+) -> list[bytes]:
     """The well-formed end of a stream the guard stopped, in the route's framing."""
     names = ",".join(scanners)
     if route.dialect == OLLAMA:
@@ -121,19 +122,39 @@ def stopped_stream_tail(route: Route, template: dict[str, Any] | None, model: st
         final.update({"done": True, "done_reason": "guard_blocked", "guard": {"blocked_by": scanners}})
         out.append(encode_ndjson(final))
         return out
-    tmpl = {k: v for k, v in (template or {}).items() if k in ("id", "object", "created", "model",
-                                                                 "system_fingerprint")}
+    tmpl = {
+        k: v
+        for k, v in (template or {}).items()
+        if k in ("id", "object", "created", "model", "system_fingerprint")
+    }
     tmpl.setdefault("model", model)
     if message:
-        text_chunk = with_text(route, {**tmpl, "choices": [{"index": 0, "delta": {"role": "assistant"},
-                                                             "finish_reason": None}]}, message)
+        text_chunk = with_text(
+            route,
+            {**tmpl, "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]},
+            message,
+        )
         if route.kind != "chat":
             text_chunk = {**tmpl, "choices": [{"index": 0, "text": message, "finish_reason": None}]}
-        end = {**tmpl, "choices": [{"index": 0, "finish_reason": "content_filter",
-                                    **({"delta": {}} if route.kind == "chat" else {"text": ""})}]}
+        end = {
+            **tmpl,
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "content_filter",
+                    **({"delta": {}} if route.kind == "chat" else {"text": ""}),
+                }
+            ],
+        }
         return [encode_sse(text_chunk), encode_sse(end), b"data: [DONE]\n\n"]
-    err = {"error": {"message": f"The answer was stopped by the guard ({names}).", "type": "guard_violation",
-                     "param": None, "code": "output_blocked"}}
+    err = {
+        "error": {
+            "message": f"The answer was stopped by the guard ({names}).",
+            "type": "guard_violation",
+            "param": None,
+            "code": "output_blocked",
+        }
+    }
     return [encode_sse(err), b"data: [DONE]\n\n"]
 
 
@@ -148,22 +169,41 @@ def encode_sse(obj: Any) -> bytes:
 def blocked_message_response(route: Route, model: str, message: str) -> bytes:
     """A normal, non-streamed answer that says the request was blocked (blocked_response: message)."""
     if route.dialect == OLLAMA:
-        base: dict[str, Any] = {"model": model, "created_at": now_rfc3339(), "done": True,
-                                "done_reason": "guard_blocked"}
+        base: dict[str, Any] = {
+            "model": model,
+            "created_at": now_rfc3339(),
+            "done": True,
+            "done_reason": "guard_blocked",
+        }
         return orjson.dumps(with_text(route, base, message))
     now = int(time.time())
     if route.kind == "chat":
-        return orjson.dumps({
-            "id": f"chatcmpl-guard-{now}", "object": "chat.completion", "created": now, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": message},
-                         "finish_reason": "content_filter"}],
+        return orjson.dumps(
+            {
+                "id": f"chatcmpl-guard-{now}",
+                "object": "chat.completion",
+                "created": now,
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": message},
+                        "finish_reason": "content_filter",
+                    }
+                ],
+                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+            }
+        )
+    return orjson.dumps(
+        {
+            "id": f"cmpl-guard-{now}",
+            "object": "text_completion",
+            "created": now,
+            "model": model,
+            "choices": [{"index": 0, "text": message, "finish_reason": "content_filter"}],
             "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
-        })
-    return orjson.dumps({
-        "id": f"cmpl-guard-{now}", "object": "text_completion", "created": now, "model": model,
-        "choices": [{"index": 0, "text": message, "finish_reason": "content_filter"}],
-        "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
-    })
+        }
+    )
 
 
 def blocked_message_stream(route: Route, model: str, message: str) -> list[bytes]:

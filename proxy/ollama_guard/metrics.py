@@ -18,7 +18,25 @@ from prometheus_client import (
     generate_latest,
 )
 
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+)
 SCAN_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
@@ -38,21 +56,32 @@ class Metrics:
         gauge_max = {"multiprocess_mode": "max"} if self.multiprocess else {}
         p = "ollama_guard_"
         self.requests = Counter(
-            p + "requests_total", "Requests by route, dialect, status and guard decision",
-            ["route", "dialect", "status", "decision"], **kw,
+            p + "requests_total",
+            "Requests by route, dialect, status and guard decision",
+            ["route", "dialect", "status", "decision"],
+            **kw,
         )
         self.request_seconds = Histogram(
-            p + "request_duration_seconds", "Whole request latency", ["route", "dialect"],
-            buckets=LATENCY_BUCKETS, **kw,
+            p + "request_duration_seconds",
+            "Whole request latency",
+            ["route", "dialect"],
+            buckets=LATENCY_BUCKETS,
+            **kw,
         )
         self.upstream_seconds = Histogram(
-            p + "upstream_duration_seconds", "Time to Ollama's response headers", ["route"],
-            buckets=LATENCY_BUCKETS, **kw,
+            p + "upstream_duration_seconds",
+            "Time to Ollama's response headers",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            **kw,
         )
         self.upstream_errors = Counter(p + "upstream_errors_total", "Failed calls to Ollama", ["kind"], **kw)
         self.scanner_seconds = Histogram(
-            p + "scanner_duration_seconds", "Per-scanner latency", ["scanner", "direction"],
-            buckets=SCAN_BUCKETS, **kw,
+            p + "scanner_duration_seconds",
+            "Per-scanner latency",
+            ["scanner", "direction"],
+            buckets=SCAN_BUCKETS,
+            **kw,
         )
         self.scanner_blocks = Counter(
             p + "scanner_blocks_total", "Texts a scanner blocked", ["scanner", "direction"], **kw
@@ -64,10 +93,16 @@ class Metrics:
             p + "cache_requests_total", "Verdict cache lookups", ["backend", "result"], **kw
         )
         self.cache_backend_active = Gauge(
-            p + "cache_backend_active", "1 for the verdict cache backend in use", ["backend"], **kw, **gauge_max
+            p + "cache_backend_active",
+            "1 for the verdict cache backend in use",
+            ["backend"],
+            **kw,
+            **gauge_max,
         )
         self.redis_errors = Counter(p + "redis_errors_total", "Failed Redis calls", **kw)
-        self.rate_limited = Counter(p + "rate_limited_total", "Requests refused by rate limits", ["client"], **kw)
+        self.rate_limited = Counter(
+            p + "rate_limited_total", "Requests refused by rate limits", ["client"], **kw
+        )
         self.in_flight = Gauge(p + "requests_in_flight", "Requests being served", **kw, **gauge_mode)
         self.streams_stopped = Counter(
             p + "streams_stopped_total", "Streams the guard stopped", ["dialect", "scanner"], **kw
@@ -79,7 +114,9 @@ class Metrics:
         self.device_info = Gauge(p + "device_info", "Compute device in use", ["device"], **kw, **gauge_max)
         self.rss = Gauge(p + "process_resident_memory_bytes", "Resident memory", **kw, **gauge_mode)
         self.cpu = Gauge(p + "process_cpu_percent", "CPU use of this process", **kw, **gauge_mode)
-        self.gpu_memory = Gauge(p + "gpu_memory_bytes", "GPU memory allocated", ["device"], **kw, **gauge_mode)
+        self.gpu_memory = Gauge(
+            p + "gpu_memory_bytes", "GPU memory allocated", ["device"], **kw, **gauge_mode
+        )
         self._process: Any = None
 
     # -- recorded by the engine, the cache and the app ------------------------------------------------

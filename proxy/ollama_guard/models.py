@@ -13,7 +13,9 @@ from pathlib import Path
 from .settings import Settings
 
 
-def pull_models(settings: Settings, force: bool = False, only: list[str] | None = None, onnx: bool = False) -> int:
+def pull_models(
+    settings: Settings, force: bool = False, only: list[str] | None = None, onnx: bool = False
+) -> int:
     from .scanning import registry
     from .scanning.policy import default_input_scanners, default_output_scanners, resolve_model
 
@@ -45,12 +47,19 @@ def pull_models(settings: Settings, force: bool = False, only: list[str] | None 
             continue
         print(f"{direction}/{cfg.display_name}: downloading {repo} -> {local}")
         try:
-            snapshot_download(repo_id=repo, revision=ref.revision, local_dir=local,
-                              allow_patterns=["*.json", "*.txt", "*.model", "*.safetensors", "tokenizer*", "*.py"])
+            snapshot_download(
+                repo_id=repo,
+                revision=ref.revision,
+                local_dir=local,
+                allow_patterns=["*.json", "*.txt", "*.model", "*.safetensors", "tokenizer*", "*.py"],
+            )
         except (LocalEntryNotFoundError, OSError) as exc:
             failures += 1
-            print(f"  failed: cannot reach the Hugging Face hub ({type(exc).__name__}). Are you offline? "
-                  f"Copy the weights of {repo} into {local} instead.", file=sys.stderr)
+            print(
+                f"  failed: cannot reach the Hugging Face hub ({type(exc).__name__}). Are you offline? "
+                f"Copy the weights of {repo} into {local} instead.",
+                file=sys.stderr,
+            )
             continue
         except Exception as exc:
             failures += 1

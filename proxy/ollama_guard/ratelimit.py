@@ -170,7 +170,9 @@ class RateLimiter:
                 if self.metrics is not None:
                     self.metrics.redis_error()
                 if self._down_until <= time.monotonic():
-                    log.warning("redis unavailable for rate limits (%s); enforcing locally", type(exc).__name__)
+                    log.warning(
+                        "redis unavailable for rate limits (%s); enforcing locally", type(exc).__name__
+                    )
                 self._down_until = time.monotonic() + self.retry_interval
         return self.local.take(client, limits)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -61,8 +61,15 @@ class _Entry:
 class GuardedStream:
     """Pulls the upstream stream, pushes text through a StreamGuard, yields what may reach the client."""
 
-    def __init__(self, resp: aiohttp.ClientResponse, route: Route, guard: StreamGuard, model: str,
-                 blocked_message: str | None, on_stop: Any = None):
+    def __init__(
+        self,
+        resp: aiohttp.ClientResponse,
+        route: Route,
+        guard: StreamGuard,
+        model: str,
+        blocked_message: str | None,
+        on_stop: Any = None,
+    ):
         self.resp = resp
         self.route = route
         self.guard = guard
@@ -150,9 +157,13 @@ class GuardedStream:
                 self.resp.close()  # closes the connection: Ollama stops generating
                 if self.on_stop is not None:
                     self.on_stop(self.violation)
-                for piece in stopped_stream_tail(self.route, self.template, self.model,
-                                                 self.violation.blocked_by or self.violation.fired,
-                                                 self.blocked_message):
+                for piece in stopped_stream_tail(
+                    self.route,
+                    self.template,
+                    self.model,
+                    self.violation.blocked_by or self.violation.fired,
+                    self.blocked_message,
+                ):
                     yield piece
             done = self.violation is None
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
@@ -173,5 +184,16 @@ def from_broken_stream(route: Route, template: dict[str, Any] | None, model: str
     """Ollama went away mid-stream: end the stream well-formed, saying so."""
     if route.dialect == OLLAMA:
         return encode_ndjson({"error": "upstream stream ended unexpectedly"})
-    return encode_sse({"error": {"message": "upstream stream ended unexpectedly", "type": "upstream_error",
-                                 "param": None, "code": "upstream_error"}}) + b"data: [DONE]\n\n"
+    return (
+        encode_sse(
+            {
+                "error": {
+                    "message": "upstream stream ended unexpectedly",
+                    "type": "upstream_error",
+                    "param": None,
+                    "code": "upstream_error",
+                }
+            }
+        )
+        + b"data: [DONE]\n\n"
+    )

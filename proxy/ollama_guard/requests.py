@@ -80,8 +80,10 @@ class Validator:
 
     def _text(self, value: Any, what: str) -> str:
         _expect(isinstance(value, str), f"{what} must be a string")
-        _expect(len(value) <= self.limits.max_prompt_chars,
-                f"{what} is longer than {self.limits.max_prompt_chars} characters")
+        _expect(
+            len(value) <= self.limits.max_prompt_chars,
+            f"{what} is longer than {self.limits.max_prompt_chars} characters",
+        )
         return value
 
     def parse(self, raw: bytes, route: Route) -> GuardedRequest:
@@ -102,8 +104,10 @@ class Validator:
     def _ollama_chat(self, req: GuardedRequest) -> None:
         messages = req.body.get("messages", [])
         _expect(isinstance(messages, list), "messages must be a list")
-        _expect(len(messages) <= self.limits.max_messages,
-                f"too many messages: at most {self.limits.max_messages}")
+        _expect(
+            len(messages) <= self.limits.max_messages,
+            f"too many messages: at most {self.limits.max_messages}",
+        )
         for i, m in enumerate(messages):
             _expect(isinstance(m, dict), f"messages[{i}] must be an object")
             role = m.get("role")
@@ -116,8 +120,10 @@ class Validator:
                 raise BadRequest(f"messages[{i}].content is required")
             images = m.get("images")
             if images is not None:
-                _expect(isinstance(images, list) and all(isinstance(x, str) for x in images),
-                        f"messages[{i}].images must be a list of strings")
+                _expect(
+                    isinstance(images, list) and all(isinstance(x, str) for x in images),
+                    f"messages[{i}].images must be a list of strings",
+                )
 
     def _ollama_generate(self, req: GuardedRequest) -> None:
         for key, role in (("system", "system"), ("prompt", "user"), ("suffix", "user")):
@@ -130,8 +136,10 @@ class Validator:
         # A caller-supplied template or raw mode still only carries the texts above; images pass.
         images = req.body.get("images")
         if images is not None:
-            _expect(isinstance(images, list) and all(isinstance(x, str) for x in images),
-                    "images must be a list of strings")
+            _expect(
+                isinstance(images, list) and all(isinstance(x, str) for x in images),
+                "images must be a list of strings",
+            )
 
     def _ollama_embed(self, req: GuardedRequest) -> None:
         self._inputs(req, "input", allow_tokens=False)
@@ -146,16 +154,20 @@ class Validator:
     def _openai_chat(self, req: GuardedRequest) -> None:
         messages = req.body.get("messages")
         _expect(isinstance(messages, list) and messages, "messages must be a non-empty list")
-        _expect(len(messages) <= self.limits.max_messages,
-                f"too many messages: at most {self.limits.max_messages}")
+        _expect(
+            len(messages) <= self.limits.max_messages,
+            f"too many messages: at most {self.limits.max_messages}",
+        )
         for i, m in enumerate(messages):
             _expect(isinstance(m, dict), f"messages[{i}] must be an object")
             role = m.get("role")
             _expect(isinstance(role, str) and role in _ROLES, f"messages[{i}].role is not a valid role")
             content = m.get("content")
             if content is None:
-                _expect(role not in self.scan_roles or bool(m.get("tool_calls")),
-                        f"messages[{i}].content is required")
+                _expect(
+                    role not in self.scan_roles or bool(m.get("tool_calls")),
+                    f"messages[{i}].content is required",
+                )
                 continue
             if isinstance(content, str):
                 self._text(content, f"messages[{i}].content")
@@ -164,8 +176,10 @@ class Validator:
                 continue
             _expect(isinstance(content, list), f"messages[{i}].content must be a string or a list of parts")
             for j, part in enumerate(content):
-                _expect(isinstance(part, dict) and isinstance(part.get("type"), str),
-                        f"messages[{i}].content[{j}] must be an object with a type")
+                _expect(
+                    isinstance(part, dict) and isinstance(part.get("type"), str),
+                    f"messages[{i}].content[{j}] must be an object with a type",
+                )
                 if part["type"] == "text":
                     self._text(part.get("text"), f"messages[{i}].content[{j}].text")
                     if role in self.scan_roles:
@@ -190,7 +204,10 @@ class Validator:
             req.targets.append(Target(req.body, key, "user"))
             return
         _expect(isinstance(value, list), f"{key} must be a string or a list of strings")
-        _expect(len(value) <= self.limits.max_messages, f"too many {key} items: at most {self.limits.max_messages}")
+        _expect(
+            len(value) <= self.limits.max_messages,
+            f"too many {key} items: at most {self.limits.max_messages}",
+        )
         for i, item in enumerate(value):
             # Token-id inputs cannot be scanned as text: refused rather than passed unscanned.
             _expect(isinstance(item, str), f"{key}[{i}] must be a string (token arrays are not accepted)")

@@ -98,7 +98,9 @@ class RateLimitConfig(_Section):
 
 class ApiKey(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the key; keys are never stored")
+    sha256: str = Field(
+        pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the key; keys are never stored"
+    )
     per_minute: int | None = Field(None, ge=1)
     per_hour: int | None = Field(None, ge=1)
     burst: int | None = Field(None, ge=1)
@@ -240,7 +242,9 @@ class Settings(_Section):
             names = [s.display_name for s in getattr(self, direction) or []]
             dupes = {n for n in names if names.count(n) > 1}
             if dupes:
-                raise ValueError(f"{direction}: scanner names must be unique, give each a `name`: {sorted(dupes)}")
+                raise ValueError(
+                    f"{direction}: scanner names must be unique, give each a `name`: {sorted(dupes)}"
+                )
         return self
 
 
@@ -321,7 +325,11 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     for name, value in environ.items():
         if name in ENV_KEYS:
             _set_path(out, ENV_KEYS[name], _env_value(value))
-        elif name.startswith(ENV_PREFIX) and name not in _ENV_NON_KEYS and not name.startswith(_OPERATOR_PREFIX):
+        elif (
+            name.startswith(ENV_PREFIX)
+            and name not in _ENV_NON_KEYS
+            and not name.startswith(_OPERATOR_PREFIX)
+        ):
             parts = tuple(p.lower() for p in name[len(ENV_PREFIX) :].split("__"))
             if parts[0] not in known_sections:
                 raise ConfigError(f"unknown setting in environment variable {name}")

@@ -36,7 +36,9 @@ class UpstreamError(Exception):
         self.message = message
 
 
-def forward_headers(headers: Iterable[tuple[str, str]], drop: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+def forward_headers(
+    headers: Iterable[tuple[str, str]], drop: frozenset[str] = frozenset()
+) -> list[tuple[str, str]]:
     out = []
     for k, v in headers:
         lk = k.lower()
@@ -59,11 +61,15 @@ class Upstream:
         self.session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self._pool_size, limit_per_host=self._pool_size,
-                                         keepalive_timeout=30, ttl_dns_cache=60)
+        connector = aiohttp.TCPConnector(
+            limit=self._pool_size, limit_per_host=self._pool_size, keepalive_timeout=30, ttl_dns_cache=60
+        )
         # Bodies are relayed as Ollama sent them; guarded routes ask for identity encoding.
         self.session = aiohttp.ClientSession(
-            connector=connector, timeout=self._timeout, auto_decompress=False, skip_auto_headers=("User-Agent",)
+            connector=connector,
+            timeout=self._timeout,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent",),
         )
 
     async def close(self) -> None:
@@ -80,8 +86,10 @@ class Upstream:
                 method, self.base_url + path, headers=headers, data=body, allow_redirects=False
             )
         except aiohttp.ClientConnectorError as exc:
-            raise UpstreamError(502, "connect", f"cannot reach Ollama at {self.base_url}: {exc.os_error}") from None
-        except (TimeoutError, asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            raise UpstreamError(
+                502, "connect", f"cannot reach Ollama at {self.base_url}: {exc.os_error}"
+            ) from None
+        except (TimeoutError, aiohttp.ServerTimeoutError):
             raise UpstreamError(504, "timeout", "Ollama did not answer in time") from None
         except aiohttp.ClientError as exc:
             raise UpstreamError(502, "protocol", f"bad response from Ollama: {type(exc).__name__}") from None
@@ -95,5 +103,5 @@ class Upstream:
             async with self.session.get(self.base_url + "/", timeout=aiohttp.ClientTimeout(total=2)) as r:
                 await r.read()
                 return r.status == 200, loop.time() - started
-        except (aiohttp.ClientError, TimeoutError, asyncio.TimeoutError):
+        except (aiohttp.ClientError, TimeoutError):
             return False, None

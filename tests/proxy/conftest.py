@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import uvicorn
-
 from ollama_guard.app import create_app
 from ollama_guard.settings import load_settings
 from ollama_guard.testing.fake_ollama import FakeOllama
@@ -62,9 +61,17 @@ class ProxyThread:
     def __init__(self, settings: Any, policy: Any = None):
         self.app = create_app(settings, policy)
         self.port = free_port()
-        cfg = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False,
-                             lifespan="on", date_header=False, server_header=False,
-                             proxy_headers=False)
+        cfg = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            date_header=False,
+            server_header=False,
+            proxy_headers=False,
+        )
         self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{self.port}"

@@ -20,14 +20,20 @@ def sha(v):
 
 
 def chat(url, headers=None, text="hi"):
-    return httpx.post(url + "/api/chat", headers=headers or {},
-                      json={"model": "m", "stream": False, "messages": [{"role": "user", "content": text}]})
+    return httpx.post(
+        url + "/api/chat",
+        headers=headers or {},
+        json={"model": "m", "stream": False, "messages": [{"role": "user", "content": text}]},
+    )
 
 
 @pytest.fixture
 def locked(start_proxy):
-    return start_proxy(**pure(auth={"enabled": True, "api_keys": [{"name": "team-a", "sha256": sha(KEY)}],
-                                    "admin_token": ADMIN}))
+    return start_proxy(
+        **pure(
+            auth={"enabled": True, "api_keys": [{"name": "team-a", "sha256": sha(KEY)}], "admin_token": ADMIN}
+        )
+    )
 
 
 def test_api_keys_checked(locked, upstream):
@@ -35,7 +41,10 @@ def test_api_keys_checked(locked, upstream):
     assert chat(locked.url, {"Authorization": "Bearer wrong"}).status_code == 401
     assert chat(locked.url, {"Authorization": f"Bearer {KEY}"}).status_code == 200
     assert chat(locked.url, {"X-API-Key": KEY}).status_code == 200
-    r = httpx.post(locked.url + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
+    r = httpx.post(
+        locked.url + "/v1/chat/completions",
+        json={"model": "m", "messages": [{"role": "user", "content": "x"}]},
+    )
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     # Our credential is not passed on to Ollama.
     assert "Authorization" not in upstream.requests[-1]["headers"]
@@ -43,7 +52,10 @@ def test_api_keys_checked(locked, upstream):
 
 def test_admin_token_checked(locked, start_proxy):
     assert httpx.post(locked.url + "/admin/cache/clear").status_code == 401
-    assert httpx.post(locked.url + "/admin/cache/clear", headers={"Authorization": f"Bearer {KEY}"}).status_code == 401
+    assert (
+        httpx.post(locked.url + "/admin/cache/clear", headers={"Authorization": f"Bearer {KEY}"}).status_code
+        == 401
+    )
     r = httpx.post(locked.url + "/admin/cache/clear", headers={"Authorization": f"Bearer {ADMIN}"})
     assert r.status_code == 200 and "cleared" in r.json()
     open_proxy = start_proxy(**pure())
@@ -54,8 +66,9 @@ def test_ip_filter_and_spoofed_forwarded_for(start_proxy):
     allow_other = start_proxy(**pure(ip_filter={"enabled": True, "allow": ["10.0.0.0/8", "fd00::/8"]}))
     r = chat(allow_other.url, {"X-Forwarded-For": "10.1.2.3"})
     assert r.status_code == 403  # the peer is 127.0.0.1, whatever the header says
-    trusting = start_proxy(**pure(ip_filter={"enabled": True, "allow": ["10.0.0.0/8"],
-                                             "trusted_proxies": ["127.0.0.1/32"]}))
+    trusting = start_proxy(
+        **pure(ip_filter={"enabled": True, "allow": ["10.0.0.0/8"], "trusted_proxies": ["127.0.0.1/32"]})
+    )
     assert chat(trusting.url, {"X-Forwarded-For": "10.1.2.3"}).status_code == 200
     assert chat(trusting.url, {"X-Forwarded-For": "8.8.8.8"}).status_code == 403
     deny = start_proxy(**pure(ip_filter={"enabled": True, "deny": ["127.0.0.0/8"]}))
@@ -70,10 +83,18 @@ def test_rate_limit_identity_ignores_untrusted_forwarded_for(start_proxy):
 
 
 def test_per_key_limits(start_proxy):
-    p = start_proxy(**pure(auth={"enabled": True, "api_keys": [
-        {"name": "small", "sha256": sha("k1"), "burst": 1, "per_minute": 1},
-        {"name": "big", "sha256": sha("k2"), "burst": 3, "per_minute": 1}]},
-        rate_limit={"enabled": True, "per_minute": 1, "burst": 2, "backend": "memory"}))
+    p = start_proxy(
+        **pure(
+            auth={
+                "enabled": True,
+                "api_keys": [
+                    {"name": "small", "sha256": sha("k1"), "burst": 1, "per_minute": 1},
+                    {"name": "big", "sha256": sha("k2"), "burst": 3, "per_minute": 1},
+                ],
+            },
+            rate_limit={"enabled": True, "per_minute": 1, "burst": 2, "backend": "memory"},
+        )
+    )
     small = [chat(p.url, {"X-API-Key": "k1"}).status_code for _ in range(3)]
     big = [chat(p.url, {"X-API-Key": "k2"}).status_code for _ in range(4)]
     assert small == [200, 429, 429] and big == [200, 200, 200, 429]
@@ -81,7 +102,12 @@ def test_per_key_limits(start_proxy):
 
 def test_security_headers_on_every_response(start_proxy):
     p = start_proxy(**pure())
-    for r in (chat(p.url), httpx.get(p.url + "/health"), httpx.get(p.url + "/nope"), httpx.get(p.url + "/api/tags")):
+    for r in (
+        chat(p.url),
+        httpx.get(p.url + "/health"),
+        httpx.get(p.url + "/nope"),
+        httpx.get(p.url + "/api/tags"),
+    ):
         assert r.headers["x-content-type-options"] == "nosniff"
         assert r.headers["x-frame-options"] == "DENY"
         assert r.headers["referrer-policy"] == "no-referrer"

@@ -25,15 +25,37 @@ CASES = [
     ("model wrong type", b'{"model": 5, "messages": []}', 400, "model is required"),
     ("bad model name", b'{"model": "../../etc/passwd; rm", "messages": []}', 400, "model name"),
     ("messages wrong type", b'{"model": "m", "messages": "hi"}', 400, "messages must be a"),
-    ("content wrong type", b'{"model": "m", "messages": [{"role": "user", "content": 5}]}', 400, "must be a string"),
+    (
+        "content wrong type",
+        b'{"model": "m", "messages": [{"role": "user", "content": 5}]}',
+        400,
+        "must be a string",
+    ),
     ("bad role", b'{"model": "m", "messages": [{"role": "wizard", "content": "x"}]}', 400, "role"),
-    ("stream wrong type", b'{"model": "m", "stream": "yes", "messages": []}', 400, "stream must be a boolean"),
-    ("too many messages", b'{"model": "m", "messages": [' + b",".join(
-        [b'{"role": "user", "content": "x"}'] * 4) + b"]}", 400, "too many messages"),
-    ("prompt too long", b'{"model": "m", "messages": [{"role": "user", "content": "' + b"a" * 1001 + b'"}]}', 400,
-     "longer than 1000"),
-    ("body too large", b'{"model": "m", "messages": [{"role": "user", "content": "' + b"a" * 5000 + b'"}]}', 413,
-     "larger than 4096"),
+    (
+        "stream wrong type",
+        b'{"model": "m", "stream": "yes", "messages": []}',
+        400,
+        "stream must be a boolean",
+    ),
+    (
+        "too many messages",
+        b'{"model": "m", "messages": [' + b",".join([b'{"role": "user", "content": "x"}'] * 4) + b"]}",
+        400,
+        "too many messages",
+    ),
+    (
+        "prompt too long",
+        b'{"model": "m", "messages": [{"role": "user", "content": "' + b"a" * 1001 + b'"}]}',
+        400,
+        "longer than 1000",
+    ),
+    (
+        "body too large",
+        b'{"model": "m", "messages": [{"role": "user", "content": "' + b"a" * 5000 + b'"}]}',
+        413,
+        "larger than 4096",
+    ),
 ]
 
 
@@ -73,8 +95,10 @@ def test_oversize_chunked_body_is_cut_off_before_read_whole(proxy, upstream):
 def test_slow_client_times_out(start_proxy):
     p = start_proxy(**pure(limits={"body_read_timeout": 0.3}))
     with socket.create_connection(("127.0.0.1", p.port)) as s:
-        s.sendall(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 100\r\n\r\n{\"model\":")
+        s.sendall(
+            b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"model":'
+        )
         s.settimeout(10)
         reply = s.recv(4096)
     assert reply.startswith(b"HTTP/1.1 408")
@@ -88,20 +112,27 @@ def test_upstream_down_is_502_in_dialect(start_proxy):
     p = start_proxy(**pure(ollama_url=dead))
     r = httpx.post(p.url + "/api/chat", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 502 and "cannot reach Ollama" in r.json()["error"]
-    r = httpx.post(p.url + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
+    r = httpx.post(
+        p.url + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    )
     assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_connect"
 
 
 def test_upstream_errors_pass_through_with_status(proxy):
-    r = httpx.post(proxy.url + "/api/chat", json={"model": "missing", "messages": [{"role": "user", "content": "x"}]})
+    r = httpx.post(
+        proxy.url + "/api/chat", json={"model": "missing", "messages": [{"role": "user", "content": "x"}]}
+    )
     assert r.status_code == 404 and "not found" in r.json()["error"]
 
 
 def test_client_disconnect_stops_the_upstream_stream(proxy, upstream):
     fake = upstream.fake
     before = fake.closed_early
-    body = {"model": "m", "messages": [{"role": "user", "content": "REPEAT 400: a word. "}],
-            "options": {"fake_chunk_chars": 5, "fake_delay_ms": 5}}
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "REPEAT 400: a word. "}],
+        "options": {"fake_chunk_chars": 5, "fake_delay_ms": 5},
+    }
     with httpx.stream("POST", proxy.url + "/api/chat", json=body) as r:
         for _ in r.iter_lines():
             break  # the client goes away after the first line
@@ -112,16 +143,26 @@ def test_client_disconnect_stops_the_upstream_stream(proxy, upstream):
 
 def test_slow_upstream_is_504_in_dialect(start_proxy):
     p = start_proxy(**pure(limits={"upstream_timeout": 0.2}))
-    r = httpx.post(p.url + "/api/chat", json={"model": "m", "stream": False, "options": {"fake_delay_ms": 2000},
-                                              "messages": [{"role": "user", "content": "hi"}]})
+    r = httpx.post(
+        p.url + "/api/chat",
+        json={
+            "model": "m",
+            "stream": False,
+            "options": {"fake_delay_ms": 2000},
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+    )
     assert r.status_code == 504 and "in time" in r.json()["error"]
 
 
 def test_system_messages_are_scanned_only_when_configured(start_proxy, upstream):
     from .policies import BANNED_IN
 
-    body = {"model": "m", "stream": False, "messages": [{"role": "system", "content": f"be {BANNED_IN}"},
-                                                        {"role": "user", "content": "hi"}]}
+    body = {
+        "model": "m",
+        "stream": False,
+        "messages": [{"role": "system", "content": f"be {BANNED_IN}"}, {"role": "user", "content": "hi"}],
+    }
     assert httpx.post(start_proxy(**pure()).url + "/api/chat", json=body).status_code == 200
     strict = start_proxy(**pure(scan_system_messages=True))
     assert httpx.post(strict.url + "/api/chat", json=body).status_code == 403

@@ -15,13 +15,26 @@ from .policies import BANNED_IN, BANNED_OUT, pure
 pytestmark = pytest.mark.slow
 
 # (path, dialect, builds a body from a user text, extracts the answer text from a response)
-CHAT = ("/api/chat", "ollama", lambda t, s: {"model": "m", "stream": s, "messages": [{"role": "user", "content": t}]})
+CHAT = (
+    "/api/chat",
+    "ollama",
+    lambda t, s: {"model": "m", "stream": s, "messages": [{"role": "user", "content": t}]},
+)
 GEN = ("/api/generate", "ollama", lambda t, s: {"model": "m", "stream": s, "prompt": t})
-OA_CHAT = ("/v1/chat/completions", "openai",
-           lambda t, s: {"model": "m", "stream": s, "messages": [{"role": "user", "content": t}]})
-OA_PARTS = ("/v1/chat/completions", "openai",
-            lambda t, s: {"model": "m", "stream": s,
-                          "messages": [{"role": "user", "content": [{"type": "text", "text": t}]}]})
+OA_CHAT = (
+    "/v1/chat/completions",
+    "openai",
+    lambda t, s: {"model": "m", "stream": s, "messages": [{"role": "user", "content": t}]},
+)
+OA_PARTS = (
+    "/v1/chat/completions",
+    "openai",
+    lambda t, s: {
+        "model": "m",
+        "stream": s,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": t}]}],
+    },
+)
 OA_COMP = ("/v1/completions", "openai", lambda t, s: {"model": "m", "stream": s, "prompt": t})
 GENERATING = [CHAT, GEN, OA_CHAT, OA_PARTS, OA_COMP]
 EMBEDDING = [
@@ -87,7 +100,9 @@ def test_violating_prompt_is_blocked_and_never_forwarded(proxy, upstream, route,
 @pytest.mark.parametrize("route", GENERATING, ids=lambda r: r[0] if isinstance(r, tuple) else r)
 def test_violating_answer_never_reaches_the_client(proxy, route, stream, chunk_chars):
     path, dialect, make = route
-    body = make(f"REPLY: Here is a long and harmless introduction to the answer. Then {BANNED_OUT} appears.", stream)
+    body = make(
+        f"REPLY: Here is a long and harmless introduction to the answer. Then {BANNED_OUT} appears.", stream
+    )
     body["options"] = {"fake_chunk_chars": chunk_chars}
     body["fake"] = {"chunk_chars": chunk_chars}
     r = httpx.post(proxy.url + path, json=body)
@@ -120,6 +135,8 @@ def test_clean_answers_arrive_whole(proxy, route, stream):
 
 def test_native_stream_defaults_to_streaming(proxy):
     # Ollama streams when `stream` is absent; the guard must too (and scan it).
-    r = httpx.post(proxy.url + "/api/chat", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    r = httpx.post(
+        proxy.url + "/api/chat", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    )
     assert r.headers["content-type"] == "application/x-ndjson"
     assert len(r.content.splitlines()) > 2

@@ -20,19 +20,26 @@ def proxy(start_proxy):
 def test_ollama_chat_streams_through_the_guard(proxy):
     client = ollama.Client(host=proxy.url)
     parts = list(client.chat(model="llama3.2", messages=[{"role": "user", "content": "hello"}], stream=True))
-    assert "".join(p.message.content for p in parts) == "The capital of France is Paris. It is known for the Eiffel Tower."
+    assert (
+        "".join(p.message.content for p in parts)
+        == "The capital of France is Paris. It is known for the Eiffel Tower."
+    )
     assert parts[-1].done and parts[-1].done_reason == "stop"
 
 
 def test_ollama_chat_non_streaming(proxy):
-    r = ollama.Client(host=proxy.url).chat(model="llama3.2", messages=[{"role": "user", "content": "REPLY: fine"}])
+    r = ollama.Client(host=proxy.url).chat(
+        model="llama3.2", messages=[{"role": "user", "content": "REPLY: fine"}]
+    )
     assert r.message.content == "fine"
 
 
 def test_ollama_generate_and_embed(proxy):
     client = ollama.Client(host=proxy.url)
     assert client.generate(model="llama3.2", prompt="REPLY: generated").response == "generated"
-    streamed = "".join(c.response for c in client.generate(model="llama3.2", prompt="REPLY: in pieces", stream=True))
+    streamed = "".join(
+        c.response for c in client.generate(model="llama3.2", prompt="REPLY: in pieces", stream=True)
+    )
     assert streamed == "in pieces"
     assert len(client.embed(model="llama3.2", input=["a", "b"]).embeddings) == 2
     assert client.embeddings(model="llama3.2", prompt="a").embedding == [0.1, 0.2, 0.3]
@@ -41,16 +48,22 @@ def test_ollama_generate_and_embed(proxy):
 def test_ollama_client_sees_blocked_prompt_as_error_naming_scanner(proxy, upstream):
     before = len(upstream.requests)
     with pytest.raises(ollama.ResponseError) as err:
-        ollama.Client(host=proxy.url).chat(model="llama3.2", messages=[{"role": "user", "content": BANNED_IN}])
+        ollama.Client(host=proxy.url).chat(
+            model="llama3.2", messages=[{"role": "user", "content": BANNED_IN}]
+        )
     assert err.value.status_code == 403
     assert "BanSubstrings" in str(err.value) and BANNED_IN not in str(err.value)
     assert len(upstream.requests) == before  # never forwarded
 
 
 def test_ollama_stream_stopped_by_guard_ends_well_formed(proxy):
-    parts = list(ollama.Client(host=proxy.url).chat(
-        model="llama3.2", stream=True,
-        messages=[{"role": "user", "content": f"REPLY: safe words first. then {BANNED_OUT} and more"}]))
+    parts = list(
+        ollama.Client(host=proxy.url).chat(
+            model="llama3.2",
+            stream=True,
+            messages=[{"role": "user", "content": f"REPLY: safe words first. then {BANNED_OUT} and more"}],
+        )
+    )
     text = "".join(p.message.content for p in parts)
     assert BANNED_OUT not in text and "FORBIDDEN" not in text
     assert parts[-1].done and parts[-1].done_reason == "guard_blocked"
@@ -58,10 +71,15 @@ def test_ollama_stream_stopped_by_guard_ends_well_formed(proxy):
 
 def test_openai_chat_streaming_and_not(proxy):
     client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="unused")
-    r = client.chat.completions.create(model="llama3.2", messages=[{"role": "user", "content": "REPLY: plain"}])
+    r = client.chat.completions.create(
+        model="llama3.2", messages=[{"role": "user", "content": "REPLY: plain"}]
+    )
     assert r.choices[0].message.content == "plain"
-    chunks = list(client.chat.completions.create(
-        model="llama3.2", stream=True, messages=[{"role": "user", "content": "REPLY: streamed answer"}]))
+    chunks = list(
+        client.chat.completions.create(
+            model="llama3.2", stream=True, messages=[{"role": "user", "content": "REPLY: streamed answer"}]
+        )
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "streamed answer"
     assert chunks[-1].choices[0].finish_reason == "stop"
 
@@ -69,8 +87,10 @@ def test_openai_chat_streaming_and_not(proxy):
 def test_openai_completions_embeddings_models(proxy):
     client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="unused")
     assert client.completions.create(model="llama3.2", prompt="REPLY: done").choices[0].text == "done"
-    text = "".join(c.choices[0].text for c in client.completions.create(model="llama3.2", prompt="REPLY: sse",
-                                                                             stream=True))
+    text = "".join(
+        c.choices[0].text
+        for c in client.completions.create(model="llama3.2", prompt="REPLY: sse", stream=True)
+    )
     assert text == "sse"
     assert len(client.embeddings.create(model="llama3.2", input=["x", "y"]).data) == 2
     assert [m.id for m in client.models.list()] == ["llama3.2:latest"]
@@ -88,8 +108,11 @@ def test_openai_stream_stopped_by_guard_raises_api_error(proxy):
     client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0)
     received = []
     with pytest.raises(openai.APIError) as err:
-        for c in client.chat.completions.create(model="llama3.2", stream=True, messages=[
-                {"role": "user", "content": f"REPLY: a fine start. {BANNED_OUT}"}]):
+        for c in client.chat.completions.create(
+            model="llama3.2",
+            stream=True,
+            messages=[{"role": "user", "content": f"REPLY: a fine start. {BANNED_OUT}"}],
+        ):
             received.append(c.choices[0].delta.content or "")
     assert "guard" in str(err.value)
     assert "FORBIDDEN" not in "".join(received)
@@ -97,8 +120,14 @@ def test_openai_stream_stopped_by_guard_raises_api_error(proxy):
 
 def test_secrets_are_redacted_before_forwarding(proxy, upstream):
     with httpx.Client(base_url=proxy.url) as c:
-        r = c.post("/api/chat", json={"model": "llama3.2", "stream": False,
-                                      "messages": [{"role": "user", "content": f"deploy with {AWS} please"}]})
+        r = c.post(
+            "/api/chat",
+            json={
+                "model": "llama3.2",
+                "stream": False,
+                "messages": [{"role": "user", "content": f"deploy with {AWS} please"}],
+            },
+        )
     assert r.status_code == 200
     assert r.headers["x-guard-decision"] == "sanitized; scanners=Secrets"
     forwarded = upstream.requests[-1]["body"]["messages"][0]["content"]

@@ -1,15 +1,17 @@
 """Device choice: MPS, then CUDA, then CPU, unless LLM_GUARD_DEVICE says otherwise (pure, no torch needed)."""
 
 import pytest
-
 from ollama_guard.device import choose_device, cpu_threads
 
 
-@pytest.mark.parametrize("available,expected", [
-    ({"mps": True, "cuda": True, "cpu": True}, "mps"),
-    ({"mps": False, "cuda": True, "cpu": True}, "cuda"),
-    ({"mps": False, "cuda": False, "cpu": True}, "cpu"),
-])
+@pytest.mark.parametrize(
+    "available,expected",
+    [
+        ({"mps": True, "cuda": True, "cpu": True}, "mps"),
+        ({"mps": False, "cuda": True, "cpu": True}, "cuda"),
+        ({"mps": False, "cuda": False, "cpu": True}, "cpu"),
+    ],
+)
 def test_auto_prefers_mps_then_cuda_then_cpu(available, expected):
     assert choose_device("auto", available, False, False).name == expected
 

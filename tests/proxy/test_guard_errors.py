@@ -14,8 +14,10 @@ def break_scanner(proxy, name):
     """Make a loaded scanner raise, as a crashing model would (error injection, not a stand-in scanner)."""
     for s in proxy.state.policy.input:
         if s.name == name:
+
             def boom(*a, **k):
                 raise RuntimeError("model crashed")
+
             s.instance.scan = boom
             return
     raise AssertionError(name)

@@ -23,15 +23,23 @@ def models(tmp_path_factory):
 def policy(models, injection: str, toxicity: str, required: bool = True):
     return {
         "models_path": str(models),
-        "input_scanners": [{"type": "PromptInjection", "required": required, "model": {"path": injection},
-                            "params": {"threshold": 0.9}}],
+        "input_scanners": [
+            {
+                "type": "PromptInjection",
+                "required": required,
+                "model": {"path": injection},
+                "params": {"threshold": 0.9},
+            }
+        ],
         "output_scanners": [{"type": "Toxicity", "required": required, "model": {"path": toxicity}}],
     }
 
 
 def chat(url, text, stream=False):
-    return httpx.post(url + "/api/chat", json={"model": "m", "stream": stream,
-                                               "messages": [{"role": "user", "content": text}]})
+    return httpx.post(
+        url + "/api/chat",
+        json={"model": "m", "stream": stream, "messages": [{"role": "user", "content": text}]},
+    )
 
 
 def test_injection_model_blocks(start_proxy, models, upstream):
@@ -61,7 +69,9 @@ def test_missing_required_model_makes_proxy_unready_and_refuses_traffic(start_pr
     assert ready.status_code == 503 and "PromptInjection" in ready.json()["reasons"][0]
     assert "models pull" in ready.json()["reasons"][0]
     health = httpx.get(p.url + "/health").json()
-    assert health["ready"] is False and "models pull" in health["scanners"]["input/PromptInjection"]["missing"]
+    assert (
+        health["ready"] is False and "models pull" in health["scanners"]["input/PromptInjection"]["missing"]
+    )
     before = len(upstream.requests)
     r = chat(p.url, "hello")
     assert r.status_code == 503 and "guard not ready" in r.json()["error"]
@@ -105,10 +115,18 @@ def test_config_check_and_scan_commands_report_scanner_state(models, tmp_path):
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(policy(models, "inj-always", "missing-one")))
-    out = subprocess.run([sys.executable, "-m", "ollama_guard.cli", "-c", str(cfg), "config", "check"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "ollama_guard.cli", "-c", str(cfg), "config", "check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1
     assert "ok       input/PromptInjection" in out.stdout and "MISSING output/Toxicity" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "ollama_guard.cli", "-c", str(cfg), "scan", "hello world"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "ollama_guard.cli", "-c", str(cfg), "scan", "hello world"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "verdict: REFUSED" in out.stdout

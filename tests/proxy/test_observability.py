@@ -32,8 +32,10 @@ def value(m, name, **labels):
 
 
 def chat(url, text):
-    return httpx.post(url + "/api/chat", json={"model": "m", "stream": False,
-                                               "messages": [{"role": "user", "content": text}]})
+    return httpx.post(
+        url + "/api/chat",
+        json={"model": "m", "stream": False, "messages": [{"role": "user", "content": text}]},
+    )
 
 
 def test_metrics_after_a_known_sequence(start_proxy):
@@ -67,21 +69,36 @@ def test_upstream_down_and_stopped_streams_are_counted(start_proxy):
     assert chat(p.url, "anyone there").status_code == 502
     m = samples(p.url)
     assert value(m, "ollama_guard_upstream_errors_total", kind="connect") == 1
-    assert value(m, "ollama_guard_requests_total", route="/api/chat", dialect="ollama", status="502",
-                 decision="error") == 1
+    assert (
+        value(
+            m,
+            "ollama_guard_requests_total",
+            route="/api/chat",
+            dialect="ollama",
+            status="502",
+            decision="error",
+        )
+        == 1
+    )
     q = start_proxy(**pure())
     from .policies import BANNED_OUT
 
     httpx.post(q.url + "/api/generate", json={"model": "m", "prompt": f"REPLY: fine words then {BANNED_OUT}"})
-    assert value(samples(q.url), "ollama_guard_streams_stopped_total", dialect="ollama", scanner="BanSubstrings") == 1
+    assert (
+        value(samples(q.url), "ollama_guard_streams_stopped_total", dialect="ollama", scanner="BanSubstrings")
+        == 1
+    )
 
 
 def test_audit_record_without_raw_prompt(start_proxy, caplog):
     p = start_proxy(**pure())
     secret_prompt = "my very private question 42"
     with caplog.at_level(logging.INFO, logger="ollama_guard.audit"):
-        r = httpx.post(p.url + "/api/chat", headers={"X-Request-ID": "rid-77"},
-                       json={"model": "m", "stream": False, "messages": [{"role": "user", "content": secret_prompt}]})
+        r = httpx.post(
+            p.url + "/api/chat",
+            headers={"X-Request-ID": "rid-77"},
+            json={"model": "m", "stream": False, "messages": [{"role": "user", "content": secret_prompt}]},
+        )
         assert r.status_code == 200
         wait_for(lambda: any(getattr(rec, "audit", None) for rec in caplog.records), 5, "audit record")
     rec = next(r for r in caplog.records if getattr(r, "audit", None))
@@ -109,12 +126,20 @@ scrape_configs:
   - job_name: ollama-guard
     static_configs: [{{targets: ["127.0.0.1:{p.port}"]}}]
 """)
-    proc = subprocess.Popen([binary, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={cfg}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     api = f"http://127.0.0.1:{port}/api/v1/query"
     query = 'sum(rate(ollama_guard_requests_total{route="/api/chat"}[8s]))'
     try:
+
         def scraped():
             try:
                 r = httpx.get(api, params={"query": "up"}, timeout=2)
@@ -132,8 +157,14 @@ scrape_configs:
         sent = 0
         with httpx.Client(base_url=p.url) as c:
             while time.monotonic() - started < seconds:
-                c.post("/api/chat", json={"model": "m", "stream": False,
-                                          "messages": [{"role": "user", "content": f"load {sent % 10}"}]})
+                c.post(
+                    "/api/chat",
+                    json={
+                        "model": "m",
+                        "stream": False,
+                        "messages": [{"role": "user", "content": f"load {sent % 10}"}],
+                    },
+                )
                 sent += 1
                 next_at = started + sent / rate
                 time.sleep(max(0.0, next_at - time.monotonic()))
@@ -152,7 +183,8 @@ def test_deploy_dashboards_alerts_and_adapter_name_metrics_the_running_proxy_exp
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location(
-        "metricnames", Path(__file__).resolve().parents[1] / "ship" / "metricnames.py")
+        "metricnames", Path(__file__).resolve().parents[1] / "ship" / "metricnames.py"
+    )
     metricnames = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(metricnames)
     p = start_proxy(**pure())
@@ -173,10 +205,15 @@ def test_metrics_are_correct_with_several_workers(upstream, tmp_path):
 
     port = free_port()
     env = {**os.environ, "OLLAMA_URL": upstream.url, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-    proc = subprocess.Popen([sys.executable, "-m", "ollama_guard.cli", "serve", "--port", str(port), "--workers", "2"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ollama_guard.cli", "serve", "--port", str(port), "--workers", "2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
+
         def ready():
             try:
                 return httpx.get(url + "/ready", timeout=1).status_code == 200
@@ -186,12 +223,27 @@ def test_metrics_are_correct_with_several_workers(upstream, tmp_path):
         wait_for(ready, 90, "two workers")
         n = 30
         for i in range(n):  # new connections: the kernel spreads them over both workers
-            assert httpx.post(url + "/api/generate", json={"model": "m", "stream": False, "prompt": f"p{i}"},
-                              headers={"Connection": "close"}).status_code == 200
+            assert (
+                httpx.post(
+                    url + "/api/generate",
+                    json={"model": "m", "stream": False, "prompt": f"p{i}"},
+                    headers={"Connection": "close"},
+                ).status_code
+                == 200
+            )
         for _ in range(4):  # whichever worker answers the scrape, it reports the whole pod
             m = samples(url)
-            assert value(m, "ollama_guard_requests_total", route="/api/generate", dialect="ollama", status="200",
-                         decision="allowed") == n
+            assert (
+                value(
+                    m,
+                    "ollama_guard_requests_total",
+                    route="/api/generate",
+                    dialect="ollama",
+                    status="200",
+                    decision="allowed",
+                )
+                == n
+            )
     finally:
         proc.terminate()
         proc.wait(20)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from ollama_guard.scanning import registry
 
 from .policies import AWS, GITHUB
@@ -19,14 +18,17 @@ def scanner():
     return Secrets()
 
 
-@pytest.mark.parametrize("text", [
-    f"config: token = {GITHUB}(prod)",  # llm-guard: filtered as an "indirect reference"
-    f"my key is <{GITHUB}>",  # "templated secret"
-    f"key ${AWS}",  # "prefixed with dollar sign"
-    f"{AWS} # pragma: allowlist secret",  # "allowlisted line"
-    f"id: {AWS}",  # "likely id string"
-    f"two kinds: {AWS} and {GITHUB}, then {AWS} again",  # llm-guard leaves one behind
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"config: token = {GITHUB}(prod)",  # llm-guard: filtered as an "indirect reference"
+        f"my key is <{GITHUB}>",  # "templated secret"
+        f"key ${AWS}",  # "prefixed with dollar sign"
+        f"{AWS} # pragma: allowlist secret",  # "allowlisted line"
+        f"id: {AWS}",  # "likely id string"
+        f"two kinds: {AWS} and {GITHUB}, then {AWS} again",  # llm-guard leaves one behind
+    ],
+)
 def test_secret_is_redacted_whatever_surrounds_it(scanner, text):
     out, valid, score = scanner.scan(text)
     assert not valid and score == 1.0

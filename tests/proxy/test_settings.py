@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from ollama_guard.settings import ConfigError, load_settings
 
 
@@ -17,7 +16,10 @@ def write(tmp_path, text):
 
 
 def test_original_flat_keys_are_understood(tmp_path):
-    s = load_settings(write(tmp_path, """
+    s = load_settings(
+        write(
+            tmp_path,
+            """
 proxy_host: 0.0.0.0
 proxy_port: 8080
 ollama_url: http://ollama:11434
@@ -35,31 +37,51 @@ rate_limit_per_hour: 500
 rate_limit_burst: 5
 enable_ip_filter: true
 ip_whitelist: ["10.0.0.0/8", "192.168.0.0/16"]
-"""), environ={})
+""",
+        ),
+        environ={},
+    )
     assert s.enable_output_guard is False and s.block_on_guard_error is False
     assert (s.cache.max_size, s.cache.ttl) == (2000, 60)
-    assert (s.rate_limit.enabled, s.rate_limit.per_minute, s.rate_limit.per_hour, s.rate_limit.burst) == (True, 30, 500, 5)
+    assert (s.rate_limit.enabled, s.rate_limit.per_minute, s.rate_limit.per_hour, s.rate_limit.burst) == (
+        True,
+        30,
+        500,
+        5,
+    )
     assert s.ip_filter.enabled and s.ip_filter.allow == ["10.0.0.0/8", "192.168.0.0/16"]
 
 
 def test_original_environment_variables_override_the_file(tmp_path):
     path = write(tmp_path, "ollama_url: http://a:1\n")
-    s = load_settings(path, environ={"OLLAMA_URL": "http://b:2", "LLM_GUARD_DEVICE": "mps", "MPS_ENABLE_FP16": "true",
-                                     "CACHE_MAX_SIZE": "5", "CACHE_TTL": "9", "REDIS_URL": "redis://r:6379/1",
-                                     "OLLAMA_GUARD_LIMITS__MAX_MESSAGES": "7"})
+    s = load_settings(
+        path,
+        environ={
+            "OLLAMA_URL": "http://b:2",
+            "LLM_GUARD_DEVICE": "mps",
+            "MPS_ENABLE_FP16": "true",
+            "CACHE_MAX_SIZE": "5",
+            "CACHE_TTL": "9",
+            "REDIS_URL": "redis://r:6379/1",
+            "OLLAMA_GUARD_LIMITS__MAX_MESSAGES": "7",
+        },
+    )
     assert s.ollama_url == "http://b:2" and s.device == "mps" and s.mps_enable_fp16 is True
     assert (s.cache.max_size, s.cache.ttl, s.redis.url) == (5, 9, "redis://r:6379/1")
     assert s.limits.max_messages == 7
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("proxy_prot: 8080\n", "proxy_prot: unknown key"),
-    ("cache:\n  backnd: redis\n", "cache.backnd: unknown key"),
-    ("input_scanners:\n  - type: Secrets\n    acton: block\n", "input_scanners.0.acton: unknown key"),
-    ("proxy_port: eighty\n", "proxy_port"),
-    ("ollama_url: ftp://x\n", "ollama_url"),
-    ("ip_whitelist: ['10.0.0.300/8']\n", "ip_filter.allow"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("proxy_prot: 8080\n", "proxy_prot: unknown key"),
+        ("cache:\n  backnd: redis\n", "cache.backnd: unknown key"),
+        ("input_scanners:\n  - type: Secrets\n    acton: block\n", "input_scanners.0.acton: unknown key"),
+        ("proxy_port: eighty\n", "proxy_port"),
+        ("ollama_url: ftp://x\n", "ollama_url"),
+        ("ip_whitelist: ['10.0.0.300/8']\n", "ip_filter.allow"),
+    ],
+)
 def test_bad_config_names_the_key(tmp_path, text, needle):
     with pytest.raises(ConfigError) as err:
         load_settings(write(tmp_path, text), environ={})
@@ -81,8 +103,12 @@ def test_unknown_scanner_type_is_reported_at_startup(tmp_path):
 
 def test_serve_stops_with_a_message_naming_the_key(tmp_path):
     path = write(tmp_path, "enable_input_gaurd: true\n")
-    out = subprocess.run([sys.executable, "-m", "ollama_guard.cli", "-c", str(path), "serve"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "ollama_guard.cli", "-c", str(path), "serve"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "enable_input_gaurd: unknown key" in out.stderr
 
 

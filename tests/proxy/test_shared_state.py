@@ -24,8 +24,11 @@ def redis(tmp_path):
 
 
 def chat(url, text, **kw):
-    return httpx.post(url + "/api/chat", json={"model": "m", "stream": False,
-                                               "messages": [{"role": "user", "content": text}]}, **kw)
+    return httpx.post(
+        url + "/api/chat",
+        json={"model": "m", "stream": False, "messages": [{"role": "user", "content": text}]},
+        **kw,
+    )
 
 
 def stats(url):
@@ -33,8 +36,11 @@ def stats(url):
 
 
 def test_redis_killed_mid_run_loses_no_request_and_recovers(start_proxy, redis):
-    p = start_proxy(**pure(cache={"backend": "auto"}, redis={"url": redis.url, "retry_interval": 0.2,
-                                                              "socket_timeout": 0.5}))
+    p = start_proxy(
+        **pure(
+            cache={"backend": "auto"}, redis={"url": redis.url, "retry_interval": 0.2, "socket_timeout": 0.5}
+        )
+    )
     statuses = []
     for i in range(120):
         if i == 40:
@@ -47,15 +53,30 @@ def test_redis_killed_mid_run_loses_no_request_and_recovers(start_proxy, redis):
     assert statuses == [200] * 120
     assert during["backend"] == "memory" and during["fallbacks"] >= 1 and during["redis_errors"] >= 1
     # Back on Redis once it returns (the next lookup after the retry interval).
-    wait_for(lambda: chat(p.url, "after recovery").status_code == 200 and stats(p.url)["cache"]["backend"] == "redis",
-             10, "cache back on redis")
+    wait_for(
+        lambda: (
+            chat(p.url, "after recovery").status_code == 200 and stats(p.url)["cache"]["backend"] == "redis"
+        ),
+        10,
+        "cache back on redis",
+    )
 
 
 def _serve(redis_url: str, upstream_url: str, extra_env: dict[str, str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = {**os.environ, "OLLAMA_URL": upstream_url, "REDIS_URL": redis_url, "CACHE_BACKEND": "redis", **extra_env}
-    proc = subprocess.Popen([sys.executable, "-m", "ollama_guard.cli", "serve", "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "OLLAMA_URL": upstream_url,
+        "REDIS_URL": redis_url,
+        "CACHE_BACKEND": "redis",
+        **extra_env,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ollama_guard.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
 
     def up():
@@ -74,7 +95,9 @@ def two_processes(redis, upstream, tmp_path):
     import yaml
 
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump(pure(rate_limit={"enabled": True, "per_minute": 1, "per_hour": 1000, "burst": 5})))
+    cfg.write_text(
+        yaml.safe_dump(pure(rate_limit={"enabled": True, "per_minute": 1, "per_hour": 1000, "burst": 5}))
+    )
     procs = [_serve(redis.url, upstream.url, {"OLLAMA_GUARD_CONFIG": str(cfg)}) for _ in range(2)]
     yield [u for _, u in procs]
     for proc, _ in procs:
@@ -119,7 +142,10 @@ def test_same_text_hits_across_processes_and_policy_change_misses(two_processes,
 
 def test_memory_backend_caches_per_message_so_old_turns_are_not_rescanned(start_proxy):
     p = start_proxy(**pure())
-    history = [{"role": "user", "content": "REPLY: first answer"}, {"role": "assistant", "content": "first answer"}]
+    history = [
+        {"role": "user", "content": "REPLY: first answer"},
+        {"role": "assistant", "content": "first answer"},
+    ]
     httpx.post(p.url + "/api/chat", json={"model": "m", "stream": False, "messages": history})
     before = stats(p.url)["cache"]
     history += [{"role": "user", "content": "REPLY: second answer"}]

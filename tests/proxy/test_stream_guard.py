@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from ollama_guard.scanning.engine import ScanEngine
 from ollama_guard.scanning.policy import build_policy
 from ollama_guard.scanning.stream import StreamGuard
@@ -55,7 +54,7 @@ def test_text_is_released_only_after_it_passed_and_all_of_it_at_the_end(engine, 
     history, step = run(feed_all(guard, text, size))
     assert step.violation is None
     # Released text only grows, trails the received text by the hold-back, and ends complete.
-    for earlier, later in zip(history, history[1:]):
+    for earlier, later in zip(history, history[1:], strict=False):
         assert later.startswith(earlier)
     assert history[-1] == text
     assert any(0 < len(h) < len(text) for h in history), "text was released progressively"
@@ -93,7 +92,13 @@ def test_long_token_secret_longer_than_the_overlap_is_never_released_in_part(eng
     def b64(obj):
         return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
 
-    jwt = b64({"alg": "HS256", "typ": "JWT"}) + "." + b64({"sub": "user", "data": "x" * 400}) + "." + "s1gnatureAbC"
+    jwt = (
+        b64({"alg": "HS256", "typ": "JWT"})
+        + "."
+        + b64({"sub": "user", "data": "x" * 400})
+        + "."
+        + "s1gnatureAbC"
+    )
     assert len(jwt) > 2 * engine.settings.stream.default_overlap
     text = "Here is the token you asked for: " + jwt + " and some closing words. " * 8
     guard = StreamGuard(engine, engine.settings)
@@ -106,12 +111,18 @@ def test_long_token_secret_longer_than_the_overlap_is_never_released_in_part(eng
 def test_keyword_prefixed_long_token_is_caught_across_chunks():
     # A pattern whose last word is longer than the overlap, with a keyword before it: the window always
     # reaches `overlap` characters before the running word, so the keyword is seen with the whole token.
-    settings = load_settings(overrides={"input_scanners": [], "output_scanners": [
-        {"type": "Regex", "action": "block", "params": {"patterns": [r"api_key\s*=\s*[A-Z0-9]{150}"]}}]},
-        environ={})
+    settings = load_settings(
+        overrides={
+            "input_scanners": [],
+            "output_scanners": [
+                {"type": "Regex", "action": "block", "params": {"patterns": [r"api_key\s*=\s*[A-Z0-9]{150}"]}}
+            ],
+        },
+        environ={},
+    )
     eng = ScanEngine(build_policy(settings), settings)
     try:
-        key = ("AB12CD34EF" * 15)
+        key = "AB12CD34EF" * 15
         text = "Some words before. Your config line is api_key = " + key + " and that is all. " * 5
         for size in (1, 3, 8):
             guard = StreamGuard(eng, settings)

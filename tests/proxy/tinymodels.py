@@ -9,13 +9,46 @@ from __future__ import annotations
 
 from pathlib import Path
 
-WORDS = ["hello", "world", "ignore", "previous", "instructions", "the", "a", "is", "what", "capital", "of",
-         "france", "paris", "please", "tell", "me", "you", "are", "idiot", ".", ",", "?", "!"]
+WORDS = [
+    "hello",
+    "world",
+    "ignore",
+    "previous",
+    "instructions",
+    "the",
+    "a",
+    "is",
+    "what",
+    "capital",
+    "of",
+    "france",
+    "paris",
+    "please",
+    "tell",
+    "me",
+    "you",
+    "are",
+    "idiot",
+    ".",
+    ",",
+    "?",
+    "!",
+]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-TOXIC_LABELS = ["toxicity", "severe_toxicity", "obscene", "threat", "insult", "identity_attack", "sexual_explicit"]
+TOXIC_LABELS = [
+    "toxicity",
+    "severe_toxicity",
+    "obscene",
+    "threat",
+    "insult",
+    "identity_attack",
+    "sexual_explicit",
+]
 
 
-def build_classifier(path: Path, labels: list[str], bias: list[float], problem_type: str | None = None) -> Path:
+def build_classifier(
+    path: Path, labels: list[str], bias: list[float], problem_type: str | None = None
+) -> Path:
     import torch
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
@@ -24,9 +57,15 @@ def build_classifier(path: Path, labels: list[str], bias: list[float], problem_t
     vocab.write_text("\n".join(SPECIAL + WORDS) + "\n")
     tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
     cfg = BertConfig(
-        vocab_size=len(SPECIAL) + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=512, num_labels=len(labels),
-        id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+        vocab_size=len(SPECIAL) + len(WORDS),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
         problem_type=problem_type,
     )
     torch.manual_seed(0)

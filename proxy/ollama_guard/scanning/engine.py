@@ -148,7 +148,9 @@ class ScanEngine:
     async def scan(self, direction: str, text: str, prompt: str = "", vault: Any = None) -> Verdict:
         return (await self.scan_many(direction, [text], prompt, vault))[0]
 
-    async def scan_many(self, direction: str, texts: list[str], prompt: str = "", vault: Any = None) -> list[Verdict]:
+    async def scan_many(
+        self, direction: str, texts: list[str], prompt: str = "", vault: Any = None
+    ) -> list[Verdict]:
         """One verdict per text; cached texts cost a lookup, the rest are scanned concurrently."""
         if self.policy.missing_required():
             raise GuardUnavailable(", ".join(s.name for s in self.policy.missing_required()))
@@ -179,8 +181,13 @@ class ScanEngine:
         return out
 
     async def scan_window(
-        self, scanners: list[GuardScanner], text: str, prompt: str = "", vault: Any = None,
-        direction: str = "output", observe: bool = True,
+        self,
+        scanners: list[GuardScanner],
+        text: str,
+        prompt: str = "",
+        vault: Any = None,
+        direction: str = "output",
+        observe: bool = True,
     ) -> Verdict:
         """Scan with a subset of the output scanners, uncached: the streaming guard's windows."""
         sanitizers = [s for s in scanners if s.action == "sanitize"]
@@ -192,7 +199,11 @@ class ScanEngine:
         return verdict
 
     async def _scan_one(
-        self, groups: tuple[list[GuardScanner], list[GuardScanner], list[GuardScanner]], text: str, prompt: str, vault: Any
+        self,
+        groups: tuple[list[GuardScanner], list[GuardScanner], list[GuardScanner]],
+        text: str,
+        prompt: str,
+        vault: Any,
     ) -> Verdict:
         pattern, sanitizers, models = groups
         loop = asyncio.get_running_loop()

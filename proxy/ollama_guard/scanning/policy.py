@@ -159,7 +159,9 @@ class Policy:
         return any(s.stype.vault for s in self.all() if s.loaded)
 
 
-def resolve_model(cfg: ScannerConfig, stype: registry.ScannerType, settings: Settings) -> tuple[str, ModelRef]:
+def resolve_model(
+    cfg: ScannerConfig, stype: registry.ScannerType, settings: Settings
+) -> tuple[str, ModelRef]:
     """The directory (or hub id) the weights load from, and the model reference used."""
     ref = cfg.model
     if ref is None:
@@ -294,7 +296,12 @@ def build_policy(settings: Settings) -> Policy:
     def device_fn() -> DeviceChoice:
         if not device_box:
             device_box.append(
-                setup_torch(settings.device, settings.mps_enable_fp16, settings.cuda_enable_fp16, settings.torch_threads)
+                setup_torch(
+                    settings.device,
+                    settings.mps_enable_fp16,
+                    settings.cuda_enable_fp16,
+                    settings.torch_threads,
+                )
             )
         return device_box[0]
 

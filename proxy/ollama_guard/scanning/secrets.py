@@ -19,8 +19,8 @@ import os
 import tempfile
 import threading
 
-from detect_secrets.core.secrets_collection import SecretsCollection
 from detect_secrets.core.scan import get_filters
+from detect_secrets.core.secrets_collection import SecretsCollection
 from detect_secrets.settings import cache_bust, configure_settings_from_baseline, get_settings
 from llm_guard.input_scanners.secrets import Secrets as _LLMGuardSecrets
 

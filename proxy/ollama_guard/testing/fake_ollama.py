@@ -28,8 +28,14 @@ MODELS = [
         "modified_at": "2025-01-01T00:00:00.000000000Z",
         "size": 2019393189,
         "digest": "a80c4f17acd55265feec403c7aef86be0c25983ab279d83f3bcd3abbcb5b8b72",
-        "details": {"parent_model": "", "format": "gguf", "family": "llama", "families": ["llama"],
-                    "parameter_size": "3.2B", "quantization_level": "Q4_K_M"},
+        "details": {
+            "parent_model": "",
+            "format": "gguf",
+            "family": "llama",
+            "families": ["llama"],
+            "parameter_size": "3.2B",
+            "quantization_level": "Q4_K_M",
+        },
     }
 ]
 
@@ -104,16 +110,24 @@ class FakeOllama:
         return web.json_response({"version": "0.12.6"})
 
     async def tags(self, request: web.Request) -> web.Response:
-        return web.Response(body=orjson.dumps({"models": MODELS}), content_type="application/json",
-                            headers={"X-Fake": "tags"})
+        return web.Response(
+            body=orjson.dumps({"models": MODELS}), content_type="application/json", headers={"X-Fake": "tags"}
+        )
 
     async def ps(self, request: web.Request) -> web.Response:
         return web.json_response({"models": []})
 
     async def show(self, request: web.Request) -> web.Response:
         await self._body(request)
-        return web.json_response({"modelfile": "FROM llama3.2", "parameters": "", "template": "{{ .Prompt }}",
-                                  "details": MODELS[0]["details"], "capabilities": ["completion"]})
+        return web.json_response(
+            {
+                "modelfile": "FROM llama3.2",
+                "parameters": "",
+                "template": "{{ .Prompt }}",
+                "details": MODELS[0]["details"],
+                "capabilities": ["completion"],
+            }
+        )
 
     async def pull(self, request: web.Request) -> web.StreamResponse:
         await self._body(request)
@@ -137,20 +151,48 @@ class FakeOllama:
         answer = script_answer(users[-1] if users else "")
         opts = body.get("options") or {}
         base = {"model": body["model"]}
-        final_stats = {"done_reason": "stop", "total_duration": 1234567, "load_duration": 1000,
-                       "prompt_eval_count": 10, "prompt_eval_duration": 1000, "eval_count": len(answer) // 4 + 1,
-                       "eval_duration": 100000}
+        final_stats = {
+            "done_reason": "stop",
+            "total_duration": 1234567,
+            "load_duration": 1000,
+            "prompt_eval_count": 10,
+            "prompt_eval_duration": 1000,
+            "eval_count": len(answer) // 4 + 1,
+            "eval_duration": 100000,
+        }
         if not body.get("stream", True):
             if opts.get("fake_delay_ms"):
                 await asyncio.sleep(float(opts["fake_delay_ms"]) / 1000)
-            return web.Response(body=orjson.dumps({**base, "created_at": _created_at(),
-                                                   "message": {"role": "assistant", "content": answer},
-                                                   "done": True, **final_stats}),
-                                content_type="application/json")
-        parts = [{**base, "created_at": _created_at(), "message": {"role": "assistant", "content": c},
-                  "done": False} for c in chunks(answer, int(opts.get("fake_chunk_chars", 4)))]
-        parts.append({**base, "created_at": _created_at(), "message": {"role": "assistant", "content": ""},
-                      "done": True, **final_stats})
+            return web.Response(
+                body=orjson.dumps(
+                    {
+                        **base,
+                        "created_at": _created_at(),
+                        "message": {"role": "assistant", "content": answer},
+                        "done": True,
+                        **final_stats,
+                    }
+                ),
+                content_type="application/json",
+            )
+        parts = [
+            {
+                **base,
+                "created_at": _created_at(),
+                "message": {"role": "assistant", "content": c},
+                "done": False,
+            }
+            for c in chunks(answer, int(opts.get("fake_chunk_chars", 4)))
+        ]
+        parts.append(
+            {
+                **base,
+                "created_at": _created_at(),
+                "message": {"role": "assistant", "content": ""},
+                "done": True,
+                **final_stats,
+            }
+        )
         return await self._ndjson(request, parts, float(opts.get("fake_delay_ms", 0)))
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
@@ -162,14 +204,22 @@ class FakeOllama:
         base = {"model": body["model"]}
         final = {"done_reason": "stop", "context": [1, 2, 3], "total_duration": 1234567, "eval_count": 5}
         if not body.get("stream", True):
-            return web.Response(body=orjson.dumps({**base, "created_at": _created_at(), "response": answer,
-                                                   "done": True, **final}), content_type="application/json")
-        parts = [{**base, "created_at": _created_at(), "response": c, "done": False}
-                 for c in chunks(answer, int(opts.get("fake_chunk_chars", 4)))]
+            return web.Response(
+                body=orjson.dumps(
+                    {**base, "created_at": _created_at(), "response": answer, "done": True, **final}
+                ),
+                content_type="application/json",
+            )
+        parts = [
+            {**base, "created_at": _created_at(), "response": c, "done": False}
+            for c in chunks(answer, int(opts.get("fake_chunk_chars", 4)))
+        ]
         parts.append({**base, "created_at": _created_at(), "response": "", "done": True, **final})
         return await self._ndjson(request, parts, float(opts.get("fake_delay_ms", 0)))
 
-    async def _ndjson(self, request: web.Request, parts: list[dict[str, Any]], delay_ms: float) -> web.StreamResponse:
+    async def _ndjson(
+        self, request: web.Request, parts: list[dict[str, Any]], delay_ms: float
+    ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
         try:
@@ -187,8 +237,14 @@ class FakeOllama:
         body = await self._body(request)
         inputs = body.get("input")
         n = 1 if isinstance(inputs, str) else len(inputs or [])
-        return web.json_response({"model": body["model"], "embeddings": [[0.1, 0.2, 0.3]] * n,
-                                  "total_duration": 1000, "prompt_eval_count": n})
+        return web.json_response(
+            {
+                "model": body["model"],
+                "embeddings": [[0.1, 0.2, 0.3]] * n,
+                "total_duration": 1000,
+                "prompt_eval_count": n,
+            }
+        )
 
     async def embeddings(self, request: web.Request) -> web.Response:
         body = await self._body(request)
@@ -202,41 +258,90 @@ class FakeOllama:
             if m.get("role") != "user":
                 continue
             c = m.get("content")
-            users.append(c if isinstance(c, str) else " ".join(p.get("text", "") for p in c if p.get("type") == "text"))
+            users.append(
+                c if isinstance(c, str) else " ".join(p.get("text", "") for p in c if p.get("type") == "text")
+            )
         answer = script_answer(users[-1] if users else "")
         now = int(time.time())
-        base = {"id": "chatcmpl-123", "created": now, "model": body["model"], "system_fingerprint": "fp_ollama"}
+        base = {
+            "id": "chatcmpl-123",
+            "created": now,
+            "model": body["model"],
+            "system_fingerprint": "fp_ollama",
+        }
         if not body.get("stream"):
-            return web.Response(body=orjson.dumps({
-                **base, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
-                             "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}),
-                content_type="application/json")
+            return web.Response(
+                body=orjson.dumps(
+                    {
+                        **base,
+                        "object": "chat.completion",
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": answer},
+                                "finish_reason": "stop",
+                            }
+                        ],
+                        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+                    }
+                ),
+                content_type="application/json",
+            )
         opts = body.get("fake") or {}
-        events = [{**base, "object": "chat.completion.chunk",
-                   "choices": [{"index": 0, "delta": {"role": "assistant", "content": c}, "finish_reason": None}]}
-                  for c in chunks(answer, int(opts.get("chunk_chars", 4)))]
-        events.append({**base, "object": "chat.completion.chunk",
-                       "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                    "finish_reason": "stop"}]})
+        events = [
+            {
+                **base,
+                "object": "chat.completion.chunk",
+                "choices": [
+                    {"index": 0, "delta": {"role": "assistant", "content": c}, "finish_reason": None}
+                ],
+            }
+            for c in chunks(answer, int(opts.get("chunk_chars", 4)))
+        ]
+        events.append(
+            {
+                **base,
+                "object": "chat.completion.chunk",
+                "choices": [
+                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": "stop"}
+                ],
+            }
+        )
         return await self._sse(request, events)
 
     async def oa_completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
         prompt = body.get("prompt")
         answer = script_answer(prompt if isinstance(prompt, str) else (prompt or [""])[0])
-        base = {"id": "cmpl-123", "created": int(time.time()), "model": body["model"], "system_fingerprint": "fp_ollama"}
+        base = {
+            "id": "cmpl-123",
+            "created": int(time.time()),
+            "model": body["model"],
+            "system_fingerprint": "fp_ollama",
+        }
         if not body.get("stream"):
-            return web.Response(body=orjson.dumps({
-                **base, "object": "text_completion",
-                "choices": [{"index": 0, "text": answer, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}),
-                content_type="application/json")
-        events = [{**base, "object": "text_completion", "choices": [{"index": 0, "text": c, "finish_reason": None}]}
-                  for c in chunks(answer, 4)]
-        events.append({**base, "object": "text_completion", "choices": [{"index": 0, "text": "",
-                                                                         "finish_reason": "stop"}]})
+            return web.Response(
+                body=orjson.dumps(
+                    {
+                        **base,
+                        "object": "text_completion",
+                        "choices": [{"index": 0, "text": answer, "finish_reason": "stop"}],
+                        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+                    }
+                ),
+                content_type="application/json",
+            )
+        events = [
+            {**base, "object": "text_completion", "choices": [{"index": 0, "text": c, "finish_reason": None}]}
+            for c in chunks(answer, 4)
+        ]
+        events.append(
+            {
+                **base,
+                "object": "text_completion",
+                "choices": [{"index": 0, "text": "", "finish_reason": "stop"}],
+            }
+        )
         return await self._sse(request, events)
 
     async def _sse(self, request: web.Request, events: list[dict[str, Any]]) -> web.StreamResponse:
@@ -256,13 +361,24 @@ class FakeOllama:
         body = await self._body(request)
         inputs = body.get("input")
         n = 1 if isinstance(inputs, str) else len(inputs)
-        return web.json_response({"object": "list", "model": body["model"],
-                                  "data": [{"object": "embedding", "index": i, "embedding": [0.1, 0.2]} for i in range(n)],
-                                  "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+        return web.json_response(
+            {
+                "object": "list",
+                "model": body["model"],
+                "data": [{"object": "embedding", "index": i, "embedding": [0.1, 0.2]} for i in range(n)],
+                "usage": {"prompt_tokens": 3, "total_tokens": 3},
+            }
+        )
 
     async def oa_models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "llama3.2:latest", "object": "model",
-                                                              "created": 1735689600, "owned_by": "library"}]})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {"id": "llama3.2:latest", "object": "model", "created": 1735689600, "owned_by": "library"}
+                ],
+            }
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

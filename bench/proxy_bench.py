@@ -213,16 +213,19 @@ def main() -> None:
         extra = f", + PromptInjection on {args.model}{' (ONNX)' if args.onnx else ''}" if args.model else ""
         print(f"\nproxy bench ({args.backend} cache, 1 worker, {args.duration}s per cell, wrk{extra})")
         print(
-            f"{'conc':>4} {'direct rps':>11} {'hit rps':>9} {'unique rps':>11} "
-            f"{'hit +p50 ms':>12} {'hit +p99 ms':>12} {'uniq +p50 ms':>13} {'uniq +p99 ms':>13} {'non2xx':>7}"
+            f"{'conc':>4} {'direct rps':>11} {'hit rps':>8} {'unique rps':>11}   p50/p99 ms: "
+            f"{'direct':>15} {'hit':>13} {'unique':>15} {'non2xx':>7}"
         )
         for conns, d, h, u in rows:
             print(
-                f"{conns:>4} {d['rps']:>11.0f} {h['rps']:>9.0f} {u['rps']:>11.0f} "
-                f"{h['p50_ms'] - d['p50_ms']:>12.2f} {h['p99_ms'] - d['p99_ms']:>12.2f} "
-                f"{u['p50_ms'] - d['p50_ms']:>13.2f} {u['p99_ms'] - d['p99_ms']:>13.2f} "
-                f"{h['non2xx'] + u['non2xx']:>7}"
+                f"{conns:>4} {d['rps']:>11.0f} {h['rps']:>8.0f} {u['rps']:>11.0f}   {'':>11} "
+                f"{d['p50_ms']:>7.2f}/{d['p99_ms']:<7.2f} {h['p50_ms']:>6.2f}/{h['p99_ms']:<6.2f} "
+                f"{u['p50_ms']:>7.2f}/{u['p99_ms']:<7.2f} {h['non2xx'] + u['non2xx']:>7}"
             )
+        print(
+            f"added p50 at c=1: cache hit +{rows[0][2]['p50_ms'] - rows[0][1]['p50_ms']:.2f} ms, "
+            f"unique prompts +{rows[0][3]['p50_ms'] - rows[0][1]['p50_ms']:.2f} ms"
+        )
         print(
             f"streaming time to first chunk p50: direct {t_direct:.2f} ms, proxy {t_proxy:.2f} ms "
             f"(+{t_proxy - t_direct:.2f} ms)"

@@ -16,7 +16,7 @@ $(VENV)/.proxy: $(PY) pyproject.toml constraints.txt
 	touch $@
 
 $(VENV)/.all: $(VENV)/.proxy
-	$(PIP) install -q $(PIN) -e '.[proxy,onnx,operator,test]' ruff
+	$(PIP) install -q $(PIN) -e '.[proxy,onnx,pii,operator,test]' ruff
 	touch $@
 
 install-proxy: $(VENV)/.proxy

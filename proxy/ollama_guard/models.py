@@ -33,7 +33,7 @@ def pull_models(
     pulled = 0
     for direction, cfg in configs:
         stype, _ = registry.lookup(cfg.type, direction)
-        if stype.default_model is None and cfg.model is None:
+        if stype.default_model is None and cfg.model is None and cfg.type != "Anonymize":
             continue
         if only and cfg.display_name not in only and cfg.type not in only:
             continue

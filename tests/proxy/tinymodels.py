@@ -85,3 +85,29 @@ def injection_model(path: Path, always_injection: bool) -> Path:
 def toxicity_model(path: Path, toxic: bool) -> Path:
     bias = [(6.0 if toxic else -6.0)] + [-6.0] * (len(TOXIC_LABELS) - 1)
     return build_classifier(path, TOXIC_LABELS, bias, "multi_label_classification")
+
+
+def ner_model(path: Path) -> Path:
+    """A token-classification model that tags every token "O": the NER finds nothing by itself, so what
+    Anonymize finds comes from presidio's pattern recognizers (e-mail, phone, card numbers ...)."""
+    import torch
+    from transformers import BertConfig, BertForTokenClassification, BertTokenizerFast
+
+    labels = ["O", "B-FIRSTNAME", "I-FIRSTNAME"]
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = path / "vocab.txt"
+    vocab.write_text("\n".join(SPECIAL + WORDS) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    cfg = BertConfig(
+        vocab_size=len(SPECIAL) + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=512, num_labels=len(labels),
+        id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)},
+    )
+    torch.manual_seed(0)
+    model = BertForTokenClassification(cfg)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([6.0, 0.0, 0.0]))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -107,7 +107,9 @@ def _run_sequential(
     for s in sanitizers:
         out, res = _timed_call(s, current, prompt, vault)
         results.append(res)
-        if res.error is None and not res.valid and s.action == "sanitize":
+        # A sanitizer's output replaces the text whenever it changed it (Deanonymize reports "valid" and
+        # still rewrites placeholders).
+        if res.error is None and s.action == "sanitize" and out != current:
             current = out
     return current, results
 

@@ -20,7 +20,7 @@ from typing import Any
 from .. import __version__
 from ..device import DeviceChoice, setup_torch
 from ..settings import ConfigError, ModelRef, ScannerConfig, Settings
-from . import registry
+from . import pii, registry
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,8 @@ def resolve_model(
 ) -> tuple[str, ModelRef]:
     """The directory (or hub id) the weights load from, and the model reference used."""
     ref = cfg.model
+    if ref is None and cfg.type in pii.PII_TYPES:
+        ref = ModelRef(path="pii", hf_repo=pii.DEFAULT_PII_REPO)
     if ref is None:
         default = registry.default_model(stype)
         repo = default.path if default is not None else cfg.type
@@ -233,7 +235,20 @@ def build_scanner(
     gs = GuardScanner(cfg=cfg, direction=direction, stype=stype, adapted=adapted)
     started = time.perf_counter()
     params = _params(cfg)
-    if gs.is_model:
+    if cfg.type in pii.PII_TYPES and direction == "input":
+        # Anonymize: an NER model from models_path, spaCy for the configured language only (scanning/pii.py).
+        model_dir, _ = resolve_model(cfg, stype, settings)
+        gs.model_dir = model_dir
+        if settings.use_local_models and not (Path(model_dir) / "config.json").is_file():
+            gs.missing = f"model weights not found in {model_dir}: {PULL_HINT}"
+            return gs
+        gs.model_id = _weights_id(model_dir)
+        try:
+            params = pii.prepare_anonymize_params(params, model_dir, device_fn())
+        except pii.PIIConfigError as exc:
+            gs.missing = str(exc)
+            return gs
+    elif gs.is_model:
         model_dir, ref = resolve_model(cfg, stype, settings)
         gs.model_dir = model_dir
         if settings.use_local_models and not (Path(model_dir) / "config.json").is_file():

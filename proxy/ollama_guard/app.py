@@ -12,7 +12,7 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,7 @@ import orjson
 from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
 from .cache import VerdictCache
@@ -103,8 +103,8 @@ def make_response(
 
 
 def error_response(
-    dialect: str, status: int, message: str, code: str, extra: list[tuple[str, str]] = ()
-) -> Response:  # type: ignore[assignment]
+    dialect: str, status: int, message: str, code: str, extra: Sequence[tuple[str, str]] = ()
+) -> Response:
     etype = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
         status, "invalid_request_error" if status < 500 else "api_error"
     )
@@ -160,7 +160,7 @@ class Gate:
         )
         token = request_id.set(rid)
         extra = [*self.extra, (b"x-request-id", rid.encode("latin-1"))]
-        outcome = {"status": 500, "decision": "error"}
+        outcome: dict[str, Any] = {"status": 500, "decision": "error"}
         label = (
             path
             if path in ROUTE_LABELS
@@ -176,7 +176,7 @@ class Gate:
         )
         dialect = dialect_of(path) if label not in PROBES else "other"
 
-        async def send_wrapped(message: dict[str, Any]) -> None:
+        async def send_wrapped(message: Message) -> None:
             if message["type"] == "http.response.start":
                 outcome["status"] = message["status"]
                 hdrs = list(message.get("headers") or [])
@@ -263,7 +263,7 @@ def _new_id() -> str:
 
 
 def _with_decision(send: Send, decision: str) -> Send:
-    async def wrapped(message: dict[str, Any]) -> None:
+    async def wrapped(message: Message) -> None:
         if message["type"] == "http.response.start":
             message = {
                 **message,
@@ -443,8 +443,8 @@ class Handlers:
         verdicts: list[Verdict],
         direction: str,
         started: float,
-        earlier: list[Verdict] = (),
-    ) -> Response:  # type: ignore[assignment]
+        earlier: Sequence[Verdict] = (),
+    ) -> Response:
         s = self.st.settings
         names = sorted({n for v in verdicts for n in v.blocked_by})
         errored = any(v.error for v in verdicts) and not any(

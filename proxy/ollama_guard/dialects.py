@@ -142,7 +142,7 @@ def stopped_stream_tail(
                 {
                     "index": 0,
                     "finish_reason": "content_filter",
-                    **({"delta": {}} if route.kind == "chat" else {"text": ""}),
+                    **({"delta": {}} if route.kind == "chat" else {"text": ""}),  # type: ignore[dict-item]
                 }
             ],
         }

@@ -52,8 +52,8 @@ class Metrics:
         reg = None if self.multiprocess else CollectorRegistry()
         kw: dict[str, Any] = {"registry": reg} if reg is not None else {}
         self.registry = reg
-        gauge_mode = {"multiprocess_mode": "livesum"} if self.multiprocess else {}
-        gauge_max = {"multiprocess_mode": "max"} if self.multiprocess else {}
+        gauge_mode: dict[str, Any] = {"multiprocess_mode": "livesum"} if self.multiprocess else {}
+        gauge_max: dict[str, Any] = {"multiprocess_mode": "max"} if self.multiprocess else {}
         p = "ollama_guard_"
         self.requests = Counter(
             p + "requests_total",

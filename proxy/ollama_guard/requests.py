@@ -89,7 +89,8 @@ class Validator:
     def parse(self, raw: bytes, route: Route) -> GuardedRequest:
         body = parse_json(raw, route)
         model = body.get("model")
-        _expect(isinstance(model, str) and model != "", "model is required and must be a string")
+        if not isinstance(model, str) or not model:
+            raise BadRequest("model is required and must be a string")
         _expect(bool(self.model_re.match(model)), "model name has characters that are not allowed")
         stream = body.get("stream", route.stream_default)
         _expect(isinstance(stream, bool), "stream must be a boolean")
@@ -103,7 +104,8 @@ class Validator:
     # ---- Ollama ----------------------------------------------------------------------------------------
     def _ollama_chat(self, req: GuardedRequest) -> None:
         messages = req.body.get("messages", [])
-        _expect(isinstance(messages, list), "messages must be a list")
+        if not isinstance(messages, list):
+            raise BadRequest("messages must be a list")
         _expect(
             len(messages) <= self.limits.max_messages,
             f"too many messages: at most {self.limits.max_messages}",
@@ -153,7 +155,8 @@ class Validator:
     # ---- OpenAI ----------------------------------------------------------------------------------------
     def _openai_chat(self, req: GuardedRequest) -> None:
         messages = req.body.get("messages")
-        _expect(isinstance(messages, list) and messages, "messages must be a non-empty list")
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("messages must be a non-empty list")
         _expect(
             len(messages) <= self.limits.max_messages,
             f"too many messages: at most {self.limits.max_messages}",
@@ -203,7 +206,8 @@ class Validator:
             self._text(value, key)
             req.targets.append(Target(req.body, key, "user"))
             return
-        _expect(isinstance(value, list), f"{key} must be a string or a list of strings")
+        if not isinstance(value, list):
+            raise BadRequest(f"{key} must be a string or a list of strings")
         _expect(
             len(value) <= self.limits.max_messages,
             f"too many {key} items: at most {self.limits.max_messages}",

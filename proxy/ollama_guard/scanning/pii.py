@@ -51,8 +51,8 @@ def _pin_presidio(language: str, spacy_model: str) -> None:
         models = [{"lang_code": lang, "model_name": spacy_model} for lang in languages]
         return NlpEngineProvider(nlp_configuration={"nlp_engine_name": "spacy", "models": models}).create_engine()
 
-    analyzer._get_nlp_engine = get_nlp_engine
-    anonymize.ALL_SUPPORTED_LANGUAGES = [language]
+    setattr(analyzer, "_get_nlp_engine", get_nlp_engine)  # noqa: B010 (replacing llm-guard's downloader)
+    setattr(anonymize, "ALL_SUPPORTED_LANGUAGES", [language])  # noqa: B010
 
 
 def recognizer_conf(model_dir: str, device: Any) -> dict[str, Any]:

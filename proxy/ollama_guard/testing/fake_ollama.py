@@ -360,7 +360,7 @@ class FakeOllama:
     async def oa_embeddings(self, request: web.Request) -> web.Response:
         body = await self._body(request)
         inputs = body.get("input")
-        n = 1 if isinstance(inputs, str) else len(inputs)
+        n = 1 if isinstance(inputs, str) else len(inputs or [])
         return web.json_response(
             {
                 "object": "list",

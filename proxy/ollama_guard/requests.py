@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from .dialects import OLLAMA, BadRequest, Route
+from .dialects import BadRequest, Route
 from .settings import Settings
 
 _ROLES = {"system", "user", "assistant", "tool", "developer"}
@@ -102,18 +102,25 @@ class Validator:
         return req
 
     # ---- Ollama ----------------------------------------------------------------------------------------
-    def _ollama_chat(self, req: GuardedRequest) -> None:
-        messages = req.body.get("messages", [])
-        if not isinstance(messages, list):
-            raise BadRequest("messages must be a list")
+    def _messages(self, req: GuardedRequest, required: bool) -> list[tuple[int, dict[str, Any], str]]:
+        """(index, message, role) for each message, after the checks both dialects share."""
+        messages = req.body.get("messages", None if required else [])
+        if not isinstance(messages, list) or (required and not messages):
+            raise BadRequest("messages must be a non-empty list" if required else "messages must be a list")
         _expect(
             len(messages) <= self.limits.max_messages,
             f"too many messages: at most {self.limits.max_messages}",
         )
+        out = []
         for i, m in enumerate(messages):
             _expect(isinstance(m, dict), f"messages[{i}] must be an object")
             role = m.get("role")
             _expect(isinstance(role, str) and role in _ROLES, f"messages[{i}].role is not a valid role")
+            out.append((i, m, role))
+        return out
+
+    def _ollama_chat(self, req: GuardedRequest) -> None:
+        for i, m, role in self._messages(req, required=False):
             if m.get("content") is not None:
                 self._text(m["content"], f"messages[{i}].content")
                 if role in self.scan_roles:
@@ -154,17 +161,7 @@ class Validator:
 
     # ---- OpenAI ----------------------------------------------------------------------------------------
     def _openai_chat(self, req: GuardedRequest) -> None:
-        messages = req.body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise BadRequest("messages must be a non-empty list")
-        _expect(
-            len(messages) <= self.limits.max_messages,
-            f"too many messages: at most {self.limits.max_messages}",
-        )
-        for i, m in enumerate(messages):
-            _expect(isinstance(m, dict), f"messages[{i}] must be an object")
-            role = m.get("role")
-            _expect(isinstance(role, str) and role in _ROLES, f"messages[{i}].role is not a valid role")
+        for i, m, role in self._messages(req, required=True):
             content = m.get("content")
             if content is None:
                 _expect(
@@ -218,6 +215,3 @@ class Validator:
             self._text(item, f"{key}[{i}]")
             req.targets.append(Target(value, i, "user"))
 
-
-def response_dialect_is_ollama(route: Route) -> bool:
-    return route.dialect == OLLAMA

@@ -235,26 +235,22 @@ def build_scanner(
     gs = GuardScanner(cfg=cfg, direction=direction, stype=stype, adapted=adapted)
     started = time.perf_counter()
     params = _params(cfg)
-    if cfg.type in pii.PII_TYPES and direction == "input":
-        # Anonymize: an NER model from models_path, spaCy for the configured language only (scanning/pii.py).
-        model_dir, _ = resolve_model(cfg, stype, settings)
-        gs.model_dir = model_dir
-        if settings.use_local_models and not (Path(model_dir) / "config.json").is_file():
-            gs.missing = f"model weights not found in {model_dir}: {PULL_HINT}"
-            return gs
-        gs.model_id = _weights_id(model_dir)
-        try:
-            params = pii.prepare_anonymize_params(params, model_dir, device_fn())
-        except pii.PIIConfigError as exc:
-            gs.missing = str(exc)
-            return gs
-    elif gs.is_model:
+    is_pii = cfg.type in pii.PII_TYPES and direction == "input"
+    if is_pii or gs.is_model:
         model_dir, ref = resolve_model(cfg, stype, settings)
         gs.model_dir = model_dir
         if settings.use_local_models and not (Path(model_dir) / "config.json").is_file():
             gs.missing = f"model weights not found in {model_dir}: {PULL_HINT}"
             return gs
         gs.model_id = _weights_id(model_dir)
+    if is_pii:
+        # Anonymize: an NER model from models_path, spaCy for the configured language only (scanning/pii.py).
+        try:
+            params = pii.prepare_anonymize_params(params, model_dir, device_fn())
+        except pii.PIIConfigError as exc:
+            gs.missing = str(exc)
+            return gs
+    elif gs.is_model:
         device = device_fn()
         # Cross-request batching (scanning/batching.py) where it reproduces llm-guard's verdicts; else None.
         from .batching import build_batched

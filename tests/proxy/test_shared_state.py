@@ -153,3 +153,17 @@ def test_memory_backend_caches_per_message_so_old_turns_are_not_rescanned(start_
     after = stats(p.url)["cache"]
     assert after["hits"] - before["hits"] == 1  # the first turn
     assert after["misses"] - before["misses"] == 2  # only the new turn (and the new answer) were scanned
+
+
+def test_rate_limits_hold_locally_while_redis_is_down_and_return_to_redis(start_proxy, redis):
+    p = start_proxy(**pure(redis={"url": redis.url, "retry_interval": 0.2, "socket_timeout": 0.5},
+                           cache={"backend": "auto"},
+                           rate_limit={"enabled": True, "per_minute": 1, "burst": 3, "backend": "redis"}))
+    assert [chat(p.url, "a").status_code for _ in range(4)] == [200, 200, 200, 429]  # shared bucket in Redis
+    redis.kill()
+    # Redis gone: no request fails; this replica enforces the same limits with its own bucket.
+    assert [chat(p.url, "b").status_code for _ in range(4)] == [200, 200, 200, 429]
+    assert stats(p.url)["rate_limit"]["backend"] == "memory"
+    redis.start()  # an empty Redis: the local bucket is spent, a fresh one waits in Redis
+    wait_for(lambda: chat(p.url, "c").status_code == 200, 10, "rate limits back on redis")
+    assert stats(p.url)["rate_limit"]["backend"] == "redis"

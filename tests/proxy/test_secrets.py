@@ -47,3 +47,50 @@ def test_concurrent_scans_all_detect(scanner):
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(scanner.scan, texts))
     assert all(not valid and AWS not in out for out, valid, _ in results)
+
+
+SAMPLES = [
+    AWS,
+    GITHUB,
+    "sk_live_4eC39HqLyjWDarjtT1zdp7dc",
+    "xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx",
+    "-----BEGIN RSA PRIVATE KEY-----",
+    "https://admin:hunter2secret@internal.corp.local/db",
+    'api_secret = "8f14e45fceea167a5a36dedd4bea2543c1b0f5d2"',
+    "password: 'Zx9$kLm2#Qw8!pR4vN7@'",
+    "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
+    "AccountKey=lJzRc1YdHaAA2KCNJJ1tkYwF/+mKK6Ygw0NGe170Xu592euJv2wYUtBlV8z+qnlcNQSnIYVTkLWntUO1F8j8rQ==",
+]
+PROSE = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Paris: the capital of France = lovely; 'quoted words' here",
+    "key = value, id=42, x:y",
+    "def f(x):\n    return x * 2\n",
+    "\u2028 unusual\u2029separators\r\nand\rreturns",
+]
+
+
+def test_screen_never_skips_a_text_the_full_scan_would_flag(scanner):
+    import random
+
+    from ollama_guard.scanning.secrets import could_hold_secret
+
+    rng = random.Random(7)
+    texts = list(SAMPLES) + list(PROSE)
+    for _ in range(150):
+        parts = [rng.choice(PROSE) for _ in range(rng.randint(0, 3))]
+        if rng.random() < 0.6:
+            parts.insert(rng.randint(0, len(parts)), rng.choice(SAMPLES))
+        texts.append(rng.choice([" ", "\n", "\t", ""]).join(parts))
+    flagged = 0
+    for text in texts:
+        found = scanner._secret_values(text)
+        flagged += bool(found)
+        assert could_hold_secret(text) or not found, text
+    assert flagged > 50  # the corpus really holds secrets the full scan finds
+
+
+def test_a_secret_at_the_end_of_a_very_long_line_is_found(scanner):
+    text = "word " * 30_000 + AWS  # a 150,000-character line: detect-secrets alone skips lines over 100,000
+    out, valid, _ = scanner.scan(text)
+    assert not valid and AWS not in out

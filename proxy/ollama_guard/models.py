@@ -27,8 +27,9 @@ def pull_models(
     except ImportError:
         print("models pull needs huggingface_hub (installed with llm-guard)", file=sys.stderr)
         return 2
-    configs = [("input", c) for c in (settings.input_scanners or default_input_scanners())]
-    configs += [("output", c) for c in (settings.output_scanners or default_output_scanners())]
+    inputs = settings.input_scanners if settings.input_scanners is not None else default_input_scanners()
+    outputs = settings.output_scanners if settings.output_scanners is not None else default_output_scanners()
+    configs = [("input", c) for c in inputs] + [("output", c) for c in outputs]
     failures = 0
     pulled = 0
     for direction, cfg in configs:

@@ -12,6 +12,14 @@ import yaml
 from .tinymodels import injection_model
 
 
+def config(tmp_path):
+    scanner = {"type": "PromptInjection", "model": {"path": "pi", "hf_repo": "protectai/deberta-v3-base-prompt-injection-v2"}}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"models_path": str(tmp_path / "models"), "input_scanners": [scanner],
+                                   "output_scanners": []}))
+    return cfg
+
+
 def run_pull(cfg_path, extra_env):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -22,10 +30,7 @@ def run_pull(cfg_path, extra_env):
 
 
 def test_pull_offline_says_so_and_fails(tmp_path):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"models_path": str(tmp_path / "models"), "input_scanners": [
-        {"type": "PromptInjection", "model": {"path": "pi", "hf_repo": "protectai/deberta-v3-base-prompt-injection-v2"}}],
-        "output_scanners": []}))
+    cfg = config(tmp_path)
     out = run_pull(cfg, {})
     assert out.returncode == 1
     assert "cannot reach the Hugging Face hub" in out.stderr and "Are you offline?" in out.stderr
@@ -34,9 +39,6 @@ def test_pull_offline_says_so_and_fails(tmp_path):
 
 def test_pull_skips_models_already_present(tmp_path):
     injection_model(tmp_path / "models" / "pi", False)
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"models_path": str(tmp_path / "models"), "input_scanners": [
-        {"type": "PromptInjection", "model": {"path": "pi", "hf_repo": "protectai/deberta-v3-base-prompt-injection-v2"}}],
-        "output_scanners": []}))
+    cfg = config(tmp_path)
     out = run_pull(cfg, {})
     assert out.returncode == 0 and "already present" in out.stdout

@@ -13,7 +13,8 @@ from .tinymodels import injection_model
 
 
 def config(tmp_path):
-    scanner = {"type": "PromptInjection", "model": {"path": "pi", "hf_repo": "protectai/deberta-v3-base-prompt-injection-v2"}}
+    repo = "protectai/deberta-v3-base-prompt-injection-v2"
+    scanner = {"type": "PromptInjection", "model": {"path": "pi", "hf_repo": repo}}
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"models_path": str(tmp_path / "models"), "input_scanners": [scanner],
                                    "output_scanners": []}))

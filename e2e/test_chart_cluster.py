@@ -1,5 +1,6 @@
 """The Helm chart on a real cluster: installs, CRDs established, a GuardProxy reconciled with status set,
-and (with the images in the cluster, E2E_DATA_PLANE=1) allowed and blocked requests through its Service.
+and (with the images in the cluster, E2E_DATA_PLANE=1) allowed and blocked requests through its Service,
+authenticated with the API key the chart generates (its Secrets rendered by the chart and applied first).
 
 Runs against any cluster KUBECONFIG names; skipped when none answers within a few seconds.
 e2e/run_kind.sh makes a kind cluster, builds and loads the images, and runs this with E2E_DATA_PLANE=1.
@@ -11,6 +12,7 @@ E2E_KEEP=1 (leave everything installed).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pathlib
@@ -146,6 +148,26 @@ def installed() -> Iterator[None]:
         kubectl("delete", "namespace", NAMESPACE, "--ignore-not-found", "--wait=false", check=False)
 
 
+def _auth_secrets() -> str:
+    """The chart's generated API-key Secrets for a release whose fullname is the e2e GuardProxy's name."""
+    out = helm(
+        "template",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        NAMESPACE,
+        "--show-only",
+        "templates/guardproxy-auth.yaml",
+        "--set",
+        "guardProxy.enabled=true",
+        "--set",
+        f"fullnameOverride={GUARD}",
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def _manifest(name: str) -> str:
     docs = list(yaml.safe_load_all((KIND_DIR / name).read_text()))
     for doc in docs:
@@ -163,6 +185,9 @@ def guardproxy(installed: None) -> dict[str, Any]:
     """The e2e GuardProxy (and the fake Ollama it guards), returned once the operator has set its status."""
     if DATA_PLANE:
         kubectl("apply", "-n", NAMESPACE, "-f", "-", stdin=_manifest("fake-ollama.yaml"))
+    # create, not apply: the key stays the same when an E2E_KEEP=1 run is repeated
+    if not kubectl("get", "secret", f"{GUARD}-api-key", "-n", NAMESPACE, "--ignore-not-found", "-o", "name"):
+        kubectl("create", "-n", NAMESPACE, "-f", "-", stdin=_auth_secrets())
     kubectl("apply", "-n", NAMESPACE, "-f", "-", stdin=_manifest("guardproxy.yaml"))
 
     def reconciled() -> dict[str, Any] | None:
@@ -239,9 +264,20 @@ class PortForward:
         self.proc.wait(timeout=10)
 
 
-def post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+def api_key() -> str:
+    """The generated key, read back as docs/DEPLOY.md does:
+    kubectl get secret <fullname>-api-key -o jsonpath='{.data.key}' | base64 -d"""
+    encoded = kubectl("-n", NAMESPACE, "get", "secret", f"{GUARD}-api-key", "-o", "jsonpath={.data.key}")
+    return base64.b64decode(encoded).decode()
+
+
+def post(url: str, body: dict[str, Any], key: str | None = None) -> tuple[int, dict[str, Any]]:
+    """POST through the port-forward, with the generated API key unless key is "" (none sent)."""
     assert url.startswith("http://127.0.0.1:")  # a local port-forward
     headers = {"Content-Type": "application/json"}
+    key = api_key() if key is None else key
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)  # noqa: S310
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310 (http to a local port-forward)
@@ -287,6 +323,13 @@ def test_allowed_request_reaches_ollama(proxy_url: str) -> None:
     )
     assert status == 200, body
     assert body["message"]["content"] == "hello from the cluster"
+
+
+def test_request_without_a_valid_key_is_refused(proxy_url: str) -> None:
+    body = {"model": "llama3.2", "stream": False, "messages": [{"role": "user", "content": "REPLY: no"}]}
+    for key in ("", "og-not-the-key"):
+        status, answer = post(f"{proxy_url}/api/chat", body, key=key)
+        assert status == 401, answer
 
 
 def test_blocked_request_is_refused(proxy_url: str) -> None:

@@ -261,6 +261,8 @@ def deployment(owner: Owner, spec: GuardProxySpec, name: str, variant: Variant) 
                 "value": f"/var/run/ollama-guard/api-keys/{auth.api_keys_secret.key}",
             }
         )
+        # The proxy's auth.enabled defaults to false (local use); keys given means keys required.
+        env.append({"name": "OLLAMA_GUARD_AUTH__ENABLED", "value": "true"})
     if auth.admin_token_secret is not None:
         volumes.append({"name": "admin-token", "secret": {"secretName": auth.admin_token_secret.name}})
         mounts.append({"name": "admin-token", "mountPath": "/var/run/ollama-guard/admin", "readOnly": True})

@@ -167,7 +167,37 @@ def test_external_redis_has_no_statefulset_and_reads_secrets() -> None:
     assert env["REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "redis-url", "key": "url"}
     assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "redis-pw", "key": "password"}
     assert env["OLLAMA_GUARD_API_KEYS_FILE"]["value"].endswith("/api-keys.yaml")
+    assert env["OLLAMA_GUARD_AUTH__ENABLED"] == {"name": "OLLAMA_GUARD_AUTH__ENABLED", "value": "true"}
     assert env["OLLAMA_GUARD_ADMIN_TOKEN_FILE"]["value"].endswith("/token")
+
+
+@pytest.mark.parametrize("name", [n for n in SPECS if "apiKeysSecret" not in SPECS[n].get("auth", {})])
+def test_no_api_keys_secret_leaves_auth_to_the_config(name: str) -> None:
+    for dep in by_kind(build(name, Capabilities()), "Deployment").values():
+        env = {e["name"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert "OLLAMA_GUARD_AUTH__ENABLED" not in env and "OLLAMA_GUARD_API_KEYS_FILE" not in env
+
+
+def test_api_keys_secret_turns_auth_on_in_the_proxy_settings(tmp_path) -> None:
+    """The env the pod gets, keys file included, makes the proxy require a key."""
+    from ollama_guard.security import Authenticator, hash_key
+    from ollama_guard.settings import load_settings
+
+    spec = parse_guardproxy({**UPSTREAM, "auth": {"apiKeysSecret": {"name": "keys", "key": "k.yaml"}}})
+    (container,) = builders.deployment(OWNER, spec, "cpu", spec.variants.cpu)["spec"]["template"]["spec"][
+        "containers"
+    ]
+    keys = tmp_path / "k.yaml"
+    keys.write_text(f"- name: team-a\n  sha256: {hash_key('secret-key')}\n")
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    assert env["OLLAMA_GUARD_API_KEYS_FILE"] == "/var/run/ollama-guard/api-keys/k.yaml"
+    env["OLLAMA_GUARD_API_KEYS_FILE"] = str(keys)
+    env.pop("OLLAMA_GUARD_CONFIG")
+    auth = Authenticator(load_settings(environ=env).auth)
+    assert auth.enabled
+    principal = auth.check_key("secret-key")
+    assert principal is not None and principal.name == "team-a"
+    assert auth.check_key("wrong") is None
 
 
 def test_managed_redis_is_a_bounded_cache() -> None:

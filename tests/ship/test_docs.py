@@ -85,6 +85,29 @@ def check_helm(cmd: list[str]) -> None:
     assert out.returncode == 0, out.stderr
 
 
+def documented_chart_secrets() -> dict[str, dict[str, str]]:
+    """The Secrets (name -> data) that the documented helm installs of our chart render."""
+    found: dict[str, dict[str, str]] = {}
+    for cmd in COMMANDS:
+        if cmd[0] != "helm" or "charts/ollama-guard" not in cmd:
+            continue
+        args = cmd[cmd.index("charts/ollama-guard") + 1 :]
+        release = cmd[cmd.index("charts/ollama-guard") - 1]
+        flags = [f for f in args if f not in ("--create-namespace", "--wait")]
+        out = subprocess.run(
+            [require("helm3"), "template", release, str(CHART), *flags],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        for doc in yaml.safe_load_all(out.stdout):
+            if doc and doc["kind"] == "Secret":
+                found[doc["metadata"]["name"]] = doc["data"]
+    return found
+
+
 def check_kubectl(cmd: list[str]) -> None:
     args = strip_namespace(cmd[1:])
     verb = args[0]
@@ -119,6 +142,14 @@ def check_kubectl(cmd: list[str]) -> None:
         metric = load_yaml(ROOT / "deploy/prometheus/adapter-rules.yaml")["rules"][0]["name"]["as"]
         assert path == "/apis/custom.metrics.k8s.io/v1beta1" or path.endswith(f"/pods/*/{metric}")
         assert "custom.metrics.k8s.io/v1beta1" in E2E
+    elif verb == "get" and args[1] == "secret":
+        # The key the chart generates, read as the e2e reads it (jsonpath, then base64).
+        name, output = args[2], args[args.index("-o") + 1]
+        key = re.fullmatch(r"jsonpath=\{\.data\.([\w.-]+)\}", output)
+        assert key, output
+        secrets = documented_chart_secrets()
+        assert name in secrets and key.group(1) in secrets[name], (name, sorted(secrets))
+        assert f'"{output}"' in E2E
     elif verb == "get":
         assert args[1] in ("guardproxies", "scannodes", "hpa"), args
     else:
@@ -158,9 +189,26 @@ def check(cmd: list[str]) -> None:
             "operator": "ghcr.io/ollama-guard/ollama-guard-operator:",
         }
         assert image.startswith(expected[target])
+    elif re.match(r"^[A-Z_]+=\$\(", prog):
+        # NAME=$(command | base64 -d): the command is checked, the pipe only decodes.
+        assert cmd[-1].endswith(")"), cmd
+        inner = [prog.split("$(", 1)[1], *cmd[1:-1], cmd[-1].removesuffix(")")]
+        pipeline: list[list[str]] = [[]]
+        for arg in inner:
+            if arg == "|":
+                pipeline.append([])
+            else:
+                pipeline[-1].append(arg)
+        first, *rest = pipeline
+        assert rest == [["base64", "-d"]], rest
+        check(first)
     elif prog == "curl":
         url = next(a for a in cmd if a.startswith("http"))
         assert re.match(r"http://127\.0\.0\.1:8080/(health|api/chat)$", url), url
+        for header in (cmd[i + 1] for i, a in enumerate(cmd) if a == "-H"):
+            # The key the doc reads into KEY just before.
+            assert header == "Authorization: Bearer $KEY", header
+            assert any(c[0].startswith("KEY=$(") for c in COMMANDS)
     elif prog == "./run_proxy_macos.sh" or (
         prog.startswith("PROXY_HOST=") and cmd[1] == "./run_proxy_macos.sh"
     ):

@@ -53,3 +53,32 @@ def test_e2e_guardproxy_is_valid_and_guards_the_fake_ollama() -> None:
     assert gp["spec"]["upstream"]["url"] == "http://fake-ollama:11434"
     banned = gp["spec"]["config"]["input_scanners"][0]["params"]["substrings"]
     assert "E2E-FORBIDDEN-WORD" in banned
+
+
+def test_e2e_guardproxy_uses_the_secrets_the_chart_generates() -> None:
+    """The e2e renders the chart's auth Secrets with fullnameOverride=e2e-guard; the GuardProxy names them."""
+    out = subprocess.run(
+        [
+            require("helm3"),
+            "template",
+            "og-e2e",
+            str(ROOT / "charts" / "ollama-guard"),
+            "--show-only",
+            "templates/guardproxy-auth.yaml",
+            "--set",
+            "guardProxy.enabled=true",
+            "--set",
+            "fullnameOverride=e2e-guard",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    secrets = {d["metadata"]["name"]: d for d in yaml.safe_load_all(out.stdout) if d}
+    assert set(secrets) == {"e2e-guard-api-key", "e2e-guard-api-keys"}
+    ref = load_yaml(KIND / "guardproxy.yaml")["spec"]["auth"]["apiKeysSecret"]
+    assert ref["key"] in secrets[ref["name"]]["data"]
+    e2e = (ROOT / "e2e" / "test_chart_cluster.py").read_text()
+    assert '"templates/guardproxy-auth.yaml"' in e2e and '"jsonpath={.data.key}"' in e2e

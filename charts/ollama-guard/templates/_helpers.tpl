@@ -95,3 +95,19 @@ The GuardProxy created from values, and the URL of its Service.
 {{- define "ollama-guard.operatorImage" -}}
 {{- printf "%s:%s" .Values.operator.image.repository (default .Chart.AppVersion .Values.operator.image.tag) }}
 {{- end }}
+
+{{/*
+API-key auth of the chart's GuardProxy: the generated key's Secret, and the Secret (and its key) holding the
+keys file the GuardProxy's spec.auth.apiKeysSecret names.
+*/}}
+{{- define "ollama-guard.apiKeySecretName" -}}
+{{- printf "%s-api-key" (include "ollama-guard.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "ollama-guard.apiKeysSecretName" -}}
+{{- default (printf "%s-api-keys" (include "ollama-guard.fullname" .) | trunc 63 | trimSuffix "-") .Values.guardProxy.auth.existingSecret }}
+{{- end }}
+
+{{- define "ollama-guard.apiKeysSecretKey" -}}
+{{- default "keys.yaml" .Values.guardProxy.auth.key }}
+{{- end }}

@@ -1,15 +1,22 @@
 """Make the cluster match the desired children: create, patch what changed, delete what is no longer desired.
 
-Each applied object carries a hash of its desired manifest; an object whose hash matches is left alone,
-so a reconcile with nothing to change writes nothing. Children are found by label, per kind.
+Each applied object carries a hash of its desired manifest. An object is re-applied when that hash differs
+(the GuardProxy changed) or when the live object no longer says what we set (`drifted`: someone edited a
+field by hand); otherwise it is left alone, so a reconcile with nothing to change writes nothing.
+Children are found by label, per kind.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
+
+from kubernetes.utils import parse_quantity
 
 from .builders import ANN_CREATE_ONLY, GROUP, content_hash
 from .kube import Kube, NotFound
@@ -24,16 +31,19 @@ class Outcome:
     created: list[str] = field(default_factory=list)
     updated: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    # "Kind/name: first differing path" of children re-applied because a hand edit made them drift.
+    repaired: list[str] = field(default_factory=list)
     live: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
 
     @property
     def changed(self) -> bool:
-        return bool(self.created or self.updated or self.deleted)
+        return bool(self.created or self.updated or self.deleted or self.repaired)
 
     def merge(self, other: Outcome) -> None:
         self.created += other.created
         self.updated += other.updated
         self.deleted += other.deleted
+        self.repaired += other.repaired
         self.live.update(other.live)
 
 
@@ -51,6 +61,130 @@ def stamped(obj: dict[str, Any]) -> dict[str, Any]:
     annotations = out["metadata"].setdefault("annotations", {})
     annotations[ANN_HASH] = content_hash(obj)
     return out
+
+
+# Where the API server rewrites a quantity into its canonical form ("1000m" -> "1", "1024Mi" -> "1Gi"):
+# anything under resources' limits/requests (and a claim's storage), an emptyDir's sizeLimit, and an
+# HPA metric target's value/averageValue.
+_QUANTITY_PARENTS = frozenset({"limits", "requests"})
+_QUANTITY_KEYS = frozenset({"sizeLimit", "averageValue"})
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _is_quantity(keys: tuple[str, ...]) -> bool:
+    if not keys:
+        return False
+    if keys[-1] in _QUANTITY_KEYS:
+        return True
+    return len(keys) >= 2 and (keys[-2] in _QUANTITY_PARENTS or keys[-2:] == ("target", "value"))
+
+
+def _empty(value: Any) -> bool:
+    """What the API server leaves out of an object (Go's omitempty): null, "", false, 0, [], and a map
+    of only such values."""
+    if value is None or value is False or value == "" or value == []:
+        return True
+    if isinstance(value, dict):
+        return all(_empty(v) for v in value.values())
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == 0
+
+
+def _quantity(value: Any) -> Decimal | None:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return None
+    try:
+        return parse_quantity(value)
+    except ValueError:
+        return None
+
+
+def _scalar_equal(want: Any, got: Any, quantity: bool) -> bool:
+    if isinstance(want, bool) or isinstance(got, bool):
+        return want is got
+    if want == got:
+        return True
+    if quantity:
+        a, b = _quantity(want), _quantity(got)
+        return a is not None and a == b
+    # A port or IntOrString given as 8080 and read back as "8080", or the other way round.
+    if isinstance(want, int) and isinstance(got, str) or isinstance(want, str) and isinstance(got, int):
+        return str(want) == str(got)
+    return False
+
+
+def _join(path: str, key: str) -> str:
+    if _PLAIN_KEY.match(key):
+        return f"{path}.{key}" if path else key
+    return f'{path}["{key}"]'
+
+
+def _list_key(items: list[Any]) -> str | None:
+    """Match list items by "name" when every desired item has a distinct one (containers, env, ports, ...)."""
+    names = [item.get("name") for item in items if isinstance(item, dict)]
+    if items and len(names) == len(items) and None not in names and len(set(names)) == len(names):
+        return "name"
+    return None
+
+
+def _diff(want: Any, got: Any, path: str, keys: tuple[str, ...]) -> str | None:
+    if isinstance(want, dict):
+        if not isinstance(got, dict):
+            return None if _empty(want) and _empty(got) else path
+        for key, value in want.items():
+            sub = _join(path, key)
+            if value is None:
+                continue  # we do not set it
+            if got.get(key) is None:
+                if _empty(value):
+                    continue
+                return sub
+            found = _diff(value, got[key], sub, (*keys, key))
+            if found is not None:
+                return found
+        return None
+    if isinstance(want, list):
+        if not isinstance(got, list):
+            return None if _empty(want) and _empty(got) else path
+        key = _list_key(want)
+        if key is not None:
+            # Extra live items are not ours to judge (server-side apply merges such lists by key).
+            by_key = {item.get(key): item for item in got if isinstance(item, dict)}
+            for item in want:
+                sub = f"{path}[{item[key]}]"
+                if item[key] not in by_key:
+                    return sub
+                found = _diff(item, by_key[item[key]], sub, keys)
+                if found is not None:
+                    return found
+            return None
+        for i, item in enumerate(want):
+            if i >= len(got):
+                return f"{path}[{i}]"
+            found = _diff(item, got[i], f"{path}[{i}]", keys)
+            if found is not None:
+                return found
+        return f"{path}[{len(want)}]" if len(got) > len(want) else None
+    if got is None:
+        return None if _empty(want) else path
+    return None if _scalar_equal(want, got, _is_quantity(keys)) else path
+
+
+def drifted(desired: dict[str, Any], live: dict[str, Any]) -> str | None:
+    """The first path where `live` no longer says what `desired` sets, or None.
+
+    Only the fields `desired` sets are compared: what the API server or other controllers add (defaults,
+    clusterIP, status, extra annotations) is not drift. Lists whose desired items all have distinct names
+    are matched by name, others by position; quantities compare by value, ports as int or string, and an
+    empty value matches an absent one.
+    """
+    want = {k: v for k, v in desired.items() if k != "status"}
+    if isinstance(want.get("stringData"), dict) and "stringData" not in live:
+        # The API server folds stringData into data (base64) and never returns it.
+        data = dict(want.get("data") or {})
+        for key, value in want.pop("stringData").items():
+            data[key] = base64.b64encode(str(value).encode()).decode()
+        want["data"] = data
+    return _diff(want, live, "", ())
 
 
 async def apply_kind(
@@ -81,6 +215,9 @@ async def apply_kind(
         elif (current["metadata"].get("annotations") or {}).get(ANN_HASH) != content_hash(obj):
             out.live[key] = await kube.apply(stamped(obj))
             out.updated.append(f"{kind}/{name}")
+        elif (where := drifted(stamped(obj), current)) is not None:
+            out.live[key] = await kube.apply(stamped(obj))
+            out.repaired.append(f"{kind}/{name}: {where}")
         else:
             out.live[key] = current
     for name in existing.keys() - want.keys():

@@ -1,6 +1,7 @@
 """kopf handlers: thin wiring from events and timers to reconcile.py.
 
-- GuardProxy: one reconcile for create/update/resume, and a timer that repairs drift.
+- GuardProxy: one reconcile for create/update/resume, and a timer that repairs drift (deleted children
+  recreated, hand-edited fields re-applied: see apply.drifted).
 - ScanNode: a timer probes /health and records the result in status; any ScanNode event re-syncs the
   GuardProxy's EndpointSlices, so a node joins or leaves the Service as its health flips or it is deleted.
 """
@@ -110,14 +111,23 @@ async def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger
             raise kopf.TemporaryError(str(exc), delay=_backoff(retry)) from None
     _set_status(patch, raw, result.status)
     out = result.outcome
-    if out.changed:
-        parts = [
-            f"{verb} {', '.join(items)}"
-            for verb, items in (("created", out.created), ("updated", out.updated), ("deleted", out.deleted))
-            if items
-        ]
+    parts = [
+        f"{verb} {', '.join(items)}"
+        for verb, items in (("created", out.created), ("updated", out.updated), ("deleted", out.deleted))
+        if items
+    ]
+    if parts:
         kopf.info(raw, reason="Reconciled", message="; ".join(parts)[:1000])
         logger.info("reconciled: %s", "; ".join(parts))
+    _report_drift(raw, out.repaired, logger)
+
+
+def _report_drift(raw: dict[str, Any], repaired: list[str], logger: Any) -> None:
+    """One Event and one log line per child that a hand edit had made drift and that was re-applied."""
+    for item in repaired:
+        message = f"repaired drift in {item}"
+        kopf.info(raw, reason="DriftRepaired", message=message[:1000])
+        logger.info(message)
 
 
 def _set_status(patch: kopf.Patch, body: dict[str, Any], new: dict[str, Any]) -> None:
@@ -189,10 +199,11 @@ async def scannode_changed(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: A
     outcome = await reconcile.sync_scan_nodes(memo.kube, namespace, gp)
     if outcome is not None and outcome.changed:
         logger.info(
-            "ScanNode endpoints of %s/%s: created %s, updated %s, deleted %s",
+            "ScanNode endpoints of %s/%s: created %s, updated %s, deleted %s, repaired %s",
             namespace,
             gp,
             outcome.created,
             outcome.updated,
             outcome.deleted,
+            outcome.repaired,
         )

@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import CHART, ROOT, load_yaml, require, tool
+from .conftest import CHART, ROOT, load_yaml, require, tool
 
 DOC = ROOT / "docs" / "DEPLOY.md"
 E2E = (ROOT / "e2e" / "run_kind.sh").read_text() + (ROOT / "e2e" / "test_chart_cluster.py").read_text()

@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, load_yaml, require
-from metricnames import adapter_queries, alert_queries, dashboard_queries, deploy_metric_names, names_in
+from .conftest import ROOT, load_yaml, require
+from .metricnames import adapter_queries, alert_queries, dashboard_queries, deploy_metric_names, names_in
 
 PROM = ROOT / "deploy" / "prometheus"
 GRAFANA = ROOT / "deploy" / "grafana"

@@ -54,21 +54,12 @@ def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, A
 
     Keys of nested objects that `new` no longer has are set to None (removed), e.g. a disabled variant.
     """
-    old = old or {}
-    out: dict[str, Any] = {}
-    for key, value in new.items():
-        before = old.get(key)
-        if isinstance(value, dict) and isinstance(before, dict):
-            sub = _diff(before, value)
-            if sub:
-                out[key] = sub
-        elif before != value:
-            out[key] = value
-    return out
+    # At the top level only the keys `new` owns are compared: other writers' status keys stay.
+    return _diff(old or {}, new, remove_missing=False)
 
 
-def _diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {k: None for k in old.keys() - new.keys()}
+def _diff(old: dict[str, Any], new: dict[str, Any], remove_missing: bool = True) -> dict[str, Any]:
+    out: dict[str, Any] = {k: None for k in old.keys() - new.keys()} if remove_missing else {}
     for key, value in new.items():
         before = old.get(key)
         if isinstance(value, dict) and isinstance(before, dict):

@@ -165,7 +165,7 @@ def _redis_env(owner: Owner, spec: GuardProxySpec) -> list[dict[str, Any]]:
         if ext.url_secret is not None:
             env.append(_secret_env("REDIS_URL", ext.url_secret.name, ext.url_secret.key))
         else:
-            env.append({"name": "REDIS_URL", "value": ext.url})
+            env.append({"name": "REDIS_URL", "value": str(ext.url)})
         if ext.password_secret is not None:
             env.append(_secret_env("REDIS_PASSWORD", ext.password_secret.name, ext.password_secret.key))
         return env
@@ -595,7 +595,7 @@ def endpoint_slices(owner: Owner, nodes: Iterable[NodeEndpoint]) -> list[dict[st
     groups: dict[tuple[str, int], list[NodeEndpoint]] = {}
     for node in nodes:
         groups.setdefault((node.spec.address_type, node.spec.port), []).append(node)
-    slices = []
+    slices: list[dict[str, Any]] = []
     for (addr_type, port), members in sorted(groups.items()):
         meta = _meta(owner, f"{owner.name}-scannodes-{addr_type.lower()}-{port}", "scannodes")
         meta["labels"] = {

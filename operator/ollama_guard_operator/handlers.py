@@ -46,8 +46,8 @@ def _config() -> kubernetes.client.Configuration:
 @kopf.on.login()
 def login(**_: Any) -> kopf.ConnectionInfo:
     cfg = _config()
-    token = cfg.get_api_key_with_prefix("authorization") or ""
-    scheme, _, value = token.partition(" ")
+    token = str(cfg.get_api_key_with_prefix("authorization") or "")
+    scheme, _sep, credential = token.partition(" ")
     return kopf.ConnectionInfo(
         server=cfg.host,
         ca_path=cfg.ssl_ca_cert,
@@ -55,7 +55,7 @@ def login(**_: Any) -> kopf.ConnectionInfo:
         certificate_path=cfg.cert_file,
         private_key_path=cfg.key_file,
         scheme=scheme or None,
-        token=value or None,
+        token=credential or None,
     )
 
 
@@ -81,6 +81,11 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     await memo.http.close()
 
 
+def _obj(raw: dict[str, Any]) -> Any:
+    """kopf's event helpers take any object with metadata; its type hints only name Body."""
+    return raw
+
+
 def _lock(memo: kopf.Memo) -> asyncio.Lock:
     # The per-object memo is shared by this object's handlers and timers: never reconcile one twice at once.
     if "lock" not in memo:
@@ -99,7 +104,7 @@ async def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger
             result = await reconcile.reconcile_guardproxy(memo.kube, raw)
         except InvalidSpec as exc:
             _set_status(patch, raw, reconcile.failed_status(raw, "InvalidSpec", str(exc)))
-            kopf.warn(raw, reason="InvalidSpec", message=str(exc))
+            kopf.warn(_obj(raw), reason="InvalidSpec", message=str(exc))
             raise kopf.PermanentError(f"invalid spec: {exc}") from None
         except reconcile.MissingDependency as exc:
             _set_status(patch, raw, reconcile.failed_status(raw, "MissingDependency", str(exc)))
@@ -117,7 +122,7 @@ async def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger
         if items
     ]
     if parts:
-        kopf.info(raw, reason="Reconciled", message="; ".join(parts)[:1000])
+        kopf.info(_obj(raw), reason="Reconciled", message="; ".join(parts)[:1000])
         logger.info("reconciled: %s", "; ".join(parts))
     _report_drift(raw, out.repaired, logger)
 
@@ -126,7 +131,7 @@ def _report_drift(raw: dict[str, Any], repaired: list[str], logger: Any) -> None
     """One Event and one log line per child that a hand edit had made drift and that was re-applied."""
     for item in repaired:
         message = f"repaired drift in {item}"
-        kopf.info(raw, reason="DriftRepaired", message=message[:1000])
+        kopf.info(_obj(raw), reason="DriftRepaired", message=message[:1000])
         logger.info(message)
 
 
@@ -182,7 +187,7 @@ async def probe_scannode(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **
     }
     if old.get("healthy") is not None and old.get("healthy") != healthy:
         kopf.event(
-            raw,
+            _obj(raw),
             type="Normal" if healthy else "Warning",
             reason="Healthy" if healthy else "Unhealthy",
             message=result.message,

@@ -100,7 +100,8 @@ def register(api: kubernetes.client.CustomObjectsApi, ns: str, args: argparse.Na
 
 
 def list_nodes(api: kubernetes.client.CustomObjectsApi, ns: str) -> int:
-    items = api.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL).get("items", [])
+    listing: dict[str, Any] = api.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)  # type: ignore[assignment]
+    items = listing.get("items", [])
     rows = [("NAME", "GUARDPROXY", "ADDRESS", "HEALTHY", "DEVICE", "LATENCY")]
     for it in items:
         spec, st = it.get("spec", {}), it.get("status") or {}

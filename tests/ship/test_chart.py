@@ -10,6 +10,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+
 from .conftest import CHART, HELMS, ROOT, VALUES, by_kind, load_yaml, one, require, template, template_fails
 
 pytestmark = pytest.mark.helm

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from .conftest import CHART, by_kind, one, require, template, template_fails
 
 pytestmark = pytest.mark.helm

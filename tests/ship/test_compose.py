@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from .conftest import ROOT, load_yaml, tool
 
 COMPOSE = ROOT / "docker-compose.yml"

@@ -13,6 +13,7 @@ import subprocess
 
 import pytest
 import yaml
+
 from .conftest import CHART, ROOT, load_yaml, require, tool
 
 DOC = ROOT / "docs" / "DEPLOY.md"

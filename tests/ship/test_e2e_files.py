@@ -9,6 +9,7 @@ from pathlib import Path
 import jsonschema
 import kubernetes_validate
 import yaml
+
 from .conftest import ROOT, load_yaml, require
 
 RUNNER = ROOT / "e2e" / "run_kind.sh"

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
 from .conftest import ROOT
 
 DOCKERFILE = ROOT / "Dockerfile"

@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from .conftest import ROOT, require
 
 SCRIPT = ROOT / "run_proxy_macos.sh"

@@ -10,6 +10,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+
 from .conftest import CHART, ROOT, load_yaml, require
 
 MANIFESTS = ROOT / "manifests"

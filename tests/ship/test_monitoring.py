@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from .conftest import ROOT, load_yaml, require
 from .metricnames import adapter_queries, alert_queries, dashboard_queries, deploy_metric_names, names_in
 

@@ -16,7 +16,7 @@ $(VENV)/.proxy: $(PY) pyproject.toml constraints.txt
 	touch $@
 
 $(VENV)/.all: $(VENV)/.proxy
-	$(PIP) install -q $(PIN) -e '.[proxy,onnx,pii,operator,test]' ruff
+	$(PIP) install -q $(PIN) -e '.[proxy,onnx,pii,operator,test]' ruff mypy
 	touch $@
 
 install-proxy: $(VENV)/.proxy
@@ -37,7 +37,8 @@ bench: install-all
 	$(PY) bench/run_all.py
 
 lint: install-all
-	$(VENV)/bin/ruff check proxy operator tests bench e2e
+	$(VENV)/bin/ruff check proxy operator tests bench e2e scripts
+	$(VENV)/bin/mypy proxy/ollama_guard operator/ollama_guard_operator
 
 clean:
 	rm -rf $(VENV) .tools

@@ -92,9 +92,7 @@ def _raw_headers(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
 
 
-def make_response(
-    body: bytes, status: int, headers: list[tuple[str, str]], media_type: str | None = None
-) -> Response:
+def make_response(body: bytes, status: int, headers: list[tuple[str, str]], media_type: str | None = None) -> Response:
     r = Response(body, status_code=status, media_type=media_type)
     r.raw_headers = [h for h in r.raw_headers if h[0] in (b"content-length", b"content-type")] + [
         h for h in _raw_headers(headers) if h[0] != b"content-type" or media_type is None
@@ -400,7 +398,7 @@ class Handlers:
                 guard,
                 req.model,
                 s.blocked_message if s.blocked_response == "message" else None,
-                on_stop=lambda v: self._stream_stopped(request, req, v, route),
+                on_end=lambda v: self._stream_ended(request, req, v, guard, decision, fired, in_verdicts, started),
             )
             return _stream_response(relay.__aiter__(), resp.status, up_headers + guard_headers)
         try:
@@ -465,11 +463,7 @@ class Handlers:
             403,
             started,
         )
-        if (
-            s.blocked_response == "message"
-            and req.route.kind in ("chat", "generate", "completion")
-            and not errored
-        ):
+        if s.blocked_response == "message" and req.route.kind in ("chat", "generate", "completion") and not errored:
             if req.stream:
                 return _stream_response(
                     _iter_list(blocked_message_stream(req.route, req.model, s.blocked_message)),
@@ -501,12 +495,37 @@ class Handlers:
             headers,
         )
 
-    def _stream_stopped(self, request: Request, req: GuardedRequest, verdict: Verdict, route: Route) -> None:
-        names = verdict.blocked_by or verdict.fired
-        for n in names:
-            self.st.metrics.streams_stopped.labels(route.dialect, n).inc()
+    def _stream_ended(
+        self,
+        request: Request,
+        req: GuardedRequest,
+        violation: Verdict | None,
+        guard: StreamGuard,
+        decision: str,
+        fired: list[str],
+        in_verdicts: list[Verdict],
+        started: float,
+    ) -> None:
+        """The audit record of a streamed answer, written when the stream has ended (stopped or whole)."""
+        out = Verdict("", violation is not None, guard.sanitized, False, guard.results)
+        if violation is not None:
+            names = violation.blocked_by or violation.fired
+            for n in names:
+                self.st.metrics.streams_stopped.labels(req.route.dialect, n).inc()
+            self._audit(request, req, "blocked", names, in_verdicts, [out], 200, started, stream_stopped=True)
+            return
+        if guard.sanitized:
+            decision = "sanitized"
         self._audit(
-            request, req, "blocked", names, [], [verdict], 200, time.perf_counter(), stream_stopped=True
+            request,
+            req,
+            decision,
+            fired + out.fired,
+            in_verdicts,
+            [out],
+            200,
+            started,
+            scanned_chars=guard.scanned_chars,
         )
 
     def _audit(
@@ -525,6 +544,16 @@ class Handlers:
         if not s.logging.audit:
             return
         principal = request.scope.get("state", {}).get("principal")
+        # Per scanner and direction: the highest score among those that fired, and the total scan time
+        # (a streamed answer is scanned in many windows).
+        scores: dict[str, float] = {}
+        scan_ms: dict[str, float] = {}
+        for d, verdicts in (("input", in_v), ("output", out_v)):
+            for r in (r for v in verdicts for r in v.results):
+                key = f"{d}:{r.scanner}"
+                scan_ms[key] = scan_ms.get(key, 0.0) + r.ms
+                if r.fired:
+                    scores[key] = max(scores.get(key, -1.0), round(r.score, 3))
         record: dict[str, Any] = {
             "who": principal.name if principal else request.scope.get("state", {}).get("client_ip"),
             "model": req.model,
@@ -533,19 +562,8 @@ class Handlers:
             "decision": decision,
             "status": status,
             "fired": sorted(set(fired)),
-            "scores": {
-                f"{d}:{r.scanner}": round(r.score, 3)
-                for d, vs in (("input", in_v), ("output", out_v))
-                for v in vs
-                for r in v.results
-                if r.fired
-            },
-            "scan_ms": {
-                f"{d}:{r.scanner}": round(r.ms, 2)
-                for d, vs in (("input", in_v), ("output", out_v))
-                for v in vs
-                for r in v.results
-            },
+            "scores": scores,
+            "scan_ms": {k: round(v, 2) for k, v in scan_ms.items()},
             "cached": sum(1 for v in in_v if v.cached),
             "ms": round((time.perf_counter() - started) * 1000.0, 2),
             **extra,
@@ -583,9 +601,7 @@ class Handlers:
             if request.url.path.startswith("/api/blobs/"):
                 body = request.stream()  # model layers: streamed, never held in memory
             else:
-                body = await read_body(
-                    request, st.settings.limits.max_body_bytes, st.settings.limits.body_read_timeout
-                )
+                body = await read_body(request, st.settings.limits.max_body_bytes, st.settings.limits.body_read_timeout)
         drop = _DROP_AUTH if st.settings.auth.enabled else frozenset()
         headers = forward_headers(request.headers.items(), drop)
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
@@ -604,9 +620,7 @@ class Handlers:
             "guards": {"input": st.settings.enable_input_guard, "output": st.settings.enable_output_guard},
             "scanners": {f"{s.direction}/{s.name}": s.describe() for s in (policy.all() if policy else [])},
         }
-        missing = [
-            f"{s.direction}/{s.name}: {s.missing}" for s in (policy.all() if policy else []) if s.missing
-        ]
+        missing = [f"{s.direction}/{s.name}: {s.missing}" for s in (policy.all() if policy else []) if s.missing]
         if missing:
             body["problems"] = missing
         return make_response(orjson.dumps(body), 200, [], "application/json")
@@ -618,8 +632,7 @@ class Handlers:
             reasons.append("scanners not loaded yet")
         else:
             reasons += [
-                f"required scanner {s.direction}/{s.name} missing: {s.missing}"
-                for s in st.policy.missing_required()
+                f"required scanner {s.direction}/{s.name} missing: {s.missing}" for s in st.policy.missing_required()
             ]
         body = {"ready": not reasons, **({"reasons": reasons} if reasons else {})}
         return make_response(orjson.dumps(body), 503 if reasons else 200, [], "application/json")
@@ -674,9 +687,7 @@ class Handlers:
         body = {
             "settings": st.settings.model_dump(mode="json", exclude={"auth": True, "redis": {"password"}}),
             "policy_fingerprints": st.policy.fingerprints if st.policy else {},
-            "scanners": {
-                f"{s.direction}/{s.name}": s.describe() for s in (st.policy.all() if st.policy else [])
-            },
+            "scanners": {f"{s.direction}/{s.name}": s.describe() for s in (st.policy.all() if st.policy else [])},
             "api_keys": [k.name for k in (st.auth.keys if st.auth else [])],
         }
         return make_response(orjson.dumps(body), 200, [], "application/json")
@@ -755,9 +766,7 @@ class _DisconnectAwareStreamingResponse(StreamingResponse):
             tg.cancel_scope.cancel()
 
 
-def _stream_response(
-    gen: Any, status: int, headers: list[tuple[str, str]], media_type: str | None = None
-) -> Response:
+def _stream_response(gen: Any, status: int, headers: list[tuple[str, str]], media_type: str | None = None) -> Response:
     r = _DisconnectAwareStreamingResponse(gen, status_code=status, media_type=media_type)
     r.raw_headers = [h for h in r.raw_headers if h[0] == b"content-type"] + [
         h for h in _raw_headers(headers) if h[0] != b"content-type" or media_type is None
@@ -778,9 +787,7 @@ def create_app(settings: Settings, policy: Policy | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> Any:
         state.policy = policy if policy is not None else await asyncio.to_thread(build_policy, settings)
         metrics.policy_loaded(state.policy)
-        state.cache = (
-            VerdictCache(settings.cache, settings.redis, metrics) if settings.cache.enabled else None
-        )
+        state.cache = VerdictCache(settings.cache, settings.redis, metrics) if settings.cache.enabled else None
         state.engine = ScanEngine(state.policy, settings, state.cache, metrics)
         state.engine.metrics = _Observer(metrics, state.stats)
         state.validator = Validator(settings)
@@ -832,9 +839,7 @@ def create_app(settings: Settings, policy: Policy | None = None) -> FastAPI:
     app.add_route("/admin/cache/clear", handlers.admin_cache_clear, methods=["POST"])
     app.add_route("/admin/cache/cleanup", handlers.admin_cache_cleanup, methods=["POST"])
     app.add_route("/admin/stats", handlers.admin_stats, methods=["GET"])
-    app.add_route(
-        "/{rest:path}", handlers.not_found, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"]
-    )
+    app.add_route("/{rest:path}", handlers.not_found, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"])
     if settings.cors.allow_origins:
         from starlette.middleware.cors import CORSMiddleware
 

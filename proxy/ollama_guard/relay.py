@@ -68,14 +68,14 @@ class GuardedStream:
         guard: StreamGuard,
         model: str,
         blocked_message: str | None,
-        on_stop: Any = None,
+        on_end: Any = None,
     ):
         self.resp = resp
         self.route = route
         self.guard = guard
         self.model = model
         self.blocked_message = blocked_message
-        self.on_stop = on_stop
+        self.on_end = on_end  # called once with the violation (or None) when the stream ends in full
         self.pending: deque[_Entry] = deque()
         self.offset = 0  # end of the text received so far (clean mode)
         self.sent = 0  # end of the text the client has
@@ -153,10 +153,12 @@ class GuardedStream:
                         yield piece
                     while self.pending:  # markers after the last text, in order
                         yield self.pending.popleft().raw
+                    if self.on_end is not None:
+                        self.on_end(None)
             if self.violation is not None:
                 self.resp.close()  # closes the connection: Ollama stops generating
-                if self.on_stop is not None:
-                    self.on_stop(self.violation)
+                if self.on_end is not None:
+                    self.on_end(self.violation)
                 for piece in stopped_stream_tail(
                     self.route,
                     self.template,

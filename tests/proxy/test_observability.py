@@ -247,3 +247,23 @@ def test_metrics_are_correct_with_several_workers(upstream, tmp_path):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_streamed_answers_get_an_audit_record_when_they_end(start_proxy, caplog):
+    from .policies import AWS, BANNED_OUT
+
+    p = start_proxy(**pure())
+    with caplog.at_level(logging.INFO, logger="ollama_guard.audit"):
+        httpx.post(p.url + "/api/chat", json={"model": "m", "messages": [
+            {"role": "user", "content": f"REPLY: the key is {AWS} and that is all there is to say about it."}]})
+        httpx.post(p.url + "/api/generate", json={"model": "m", "prompt": f"REPLY: fine words, then {BANNED_OUT}"})
+
+        def records():
+            return [r.audit for r in caplog.records if getattr(r, "audit", None) and r.audit["stream"]]
+
+        wait_for(lambda: len(records()) == 2, 5, "two stream audit records")
+    sanitized, stopped = sorted(records(), key=lambda a: a["route"])
+    assert sanitized["route"] == "/api/chat" and sanitized["decision"] == "sanitized"
+    assert "Secrets" in sanitized["fired"] and sanitized["scan_ms"]["output:Secrets"] > 0
+    assert stopped["route"] == "/api/generate" and stopped["decision"] == "blocked"
+    assert stopped["stream_stopped"] is True and stopped["scores"]["output:BanSubstrings"] == 1.0

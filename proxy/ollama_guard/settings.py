@@ -23,7 +23,7 @@ ENV_PREFIX = "OLLAMA_GUARD_"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, use_attribute_docstrings=True)
 
 
 class ModelRef(_Section):
@@ -62,24 +62,32 @@ class ScannerConfig(_Section):
 
 class CacheConfig(_Section):
     enabled: bool = True
+    """Cache scan verdicts per text."""
     backend: Literal["auto", "redis", "memory"] = "memory"
+    """`auto`: Redis, falling back to memory while Redis fails; `redis`; `memory`."""
     ttl: int = Field(3600, ge=1)
+    """Seconds a verdict is kept."""
     max_size: int = Field(10000, ge=1)
+    """Entries in the in-memory LRU."""
 
 
 class RedisConfig(_Section):
     url: str | None = None
+    """redis:// or rediss:// URL; overrides host/port/db/tls."""
     host: str = "localhost"
     port: int = Field(6379, ge=1, le=65535)
     db: int = Field(0, ge=0)
     password: str | None = None
+    """Env: REDIS_PASSWORD."""
     tls: bool = False
+    """Use TLS (rediss) when no url is given."""
     max_connections: int = Field(50, ge=1)
     socket_connect_timeout: float = Field(1.0, gt=0)
     socket_timeout: float = Field(1.0, gt=0)
     # After a failure, how long to serve from memory before trying Redis again.
     retry_interval: float = Field(2.0, gt=0)
     key_prefix: str = "ollama-guard"
+    """Prefix of every key the proxy writes."""
 
     def connection_url(self) -> str:
         if self.url:
@@ -90,17 +98,20 @@ class RedisConfig(_Section):
 
 class RateLimitConfig(_Section):
     enabled: bool = False
+    """Token-bucket limits per API key (or client IP without one)."""
     per_minute: int = Field(60, ge=1)
+    """Sustained rate: tokens refilled per minute."""
     per_hour: int = Field(1000, ge=1)
+    """Hourly budget."""
     burst: int = Field(10, ge=1)
+    """Requests allowed at once before the per-minute rate applies."""
     backend: Literal["auto", "redis", "memory"] = "auto"
+    """`auto`: Redis when the cache uses Redis, shared by all replicas."""
 
 
 class ApiKey(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    sha256: str = Field(
-        pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the key; keys are never stored"
-    )
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the key; keys are never stored")
     per_minute: int | None = Field(None, ge=1)
     per_hour: int | None = Field(None, ge=1)
     burst: int | None = Field(None, ge=1)
@@ -108,16 +119,24 @@ class ApiKey(_Section):
 
 class AuthConfig(_Section):
     enabled: bool = False
+    """Require an API key (Authorization: Bearer, or X-API-Key)."""
     api_keys: list[ApiKey] = Field(default_factory=list)
+    """Keys as {name, sha256, per_minute?, per_hour?, burst?}."""
     api_keys_file: str | None = None
+    """A YAML/JSON list of such keys (e.g. a mounted Secret)."""
     admin_token: str | None = None
+    """Token for /admin/*; without one /admin/* is off."""
     admin_token_file: str | None = None
+    """File holding the admin token."""
 
 
 class IPFilterConfig(_Section):
     enabled: bool = False
+    """Apply the allow and deny lists."""
     allow: list[str] = Field(default_factory=list)
+    """CIDRs allowed (empty: all not denied)."""
     deny: list[str] = Field(default_factory=list)
+    """CIDRs refused."""
     # Peers in these networks may set X-Forwarded-For; everyone else's header is ignored.
     trusted_proxies: list[str] = Field(default_factory=list)
 
@@ -134,6 +153,7 @@ class IPFilterConfig(_Section):
 
 class CorsConfig(_Section):
     allow_origins: list[str] = Field(default_factory=list)
+    """Browser origins allowed; empty: CORS closed."""
     allow_credentials: bool = False
     allow_methods: list[str] = Field(default_factory=lambda: ["GET", "POST", "OPTIONS"])
     allow_headers: list[str] = Field(
@@ -162,17 +182,21 @@ class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = Field(True, alias="json")
     audit: bool = True
+    """One audit record per guarded request."""
     # Raw prompts and answers never reach the logs unless this is set.
     log_content: bool = False
+    """Put raw prompts in audit records (off: never)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, use_attribute_docstrings=True)
 
 
 class ManagementConfig(_Section):
     # Ollama's pull/push/create/copy/delete: refused unless enabled.
     allow_model_management: bool = False
+    """Allow Ollama's pull/push/create/copy/delete through the proxy."""
     # /admin/* needs the admin token; with no token configured it is off.
     admin_enabled: bool = True
+    """Serve /admin/* when an admin token is set."""
 
 
 class StreamConfig(_Section):
@@ -186,30 +210,51 @@ class StreamConfig(_Section):
 
 class Settings(_Section):
     proxy_host: str = "127.0.0.1"
+    """Address to listen on; the images set 0.0.0.0."""
     proxy_port: int = Field(8080, ge=1, le=65535)
+    """Port to listen on."""
     ollama_url: str = "http://localhost:11434"
+    """The Ollama server the proxy guards."""
     workers: int = Field(1, ge=1, le=64)
+    """uvicorn worker processes; metrics are aggregated across them."""
 
     enable_input_guard: bool = True
+    """Scan prompts (user messages, and system/tool messages by the keys below)."""
     enable_output_guard: bool = True
+    """Scan answers, streamed or whole."""
     block_on_guard_error: bool = True
+    """A scanner that errors or times out blocks (fail closed); false lets the text through."""
     # What a blocked chat gets: an error in its dialect, or a normal assistant message saying so.
     blocked_response: Literal["error", "message"] = "error"
+    """`error`: an error in the caller's dialect; `message`: a normal assistant answer saying so."""
     blocked_message: str = "This request was blocked by the guard."
+    """The answer text when `blocked_response: message`."""
     scan_system_messages: bool = False
+    """Also scan system (and OpenAI developer) messages."""
     scan_tool_messages: bool = False
+    """Also scan tool results."""
     short_circuit: bool = False
+    """Skip model scanners once a pattern scanner already blocked (saves time, loses scores)."""
 
     use_local_models: bool = True
+    """Load model weights only from `models_path` (never from the hub)."""
     models_path: str = "./models"
+    """Directory holding one folder of weights per model scanner."""
     device: Literal["auto", "mps", "cuda", "cpu"] = "auto"
+    """Model device; `auto` picks MPS, then CUDA, then CPU. Env: LLM_GUARD_DEVICE."""
     mps_enable_fp16: bool = False
+    """Half precision on Apple Silicon. Env: MPS_ENABLE_FP16."""
     cuda_enable_fp16: bool = False
+    """Half precision on NVIDIA GPUs."""
     torch_threads: int | None = Field(None, ge=1)
+    """torch intra-op threads; default: the cores this process may use."""
     scan_workers: int | None = Field(None, ge=1, le=256)
+    """Threads that run scans; default max(4, 2 x cores)."""
 
     input_scanners: list[ScannerConfig] | None = None
+    """Ordered prompt scanners; absent: the built-in default policy."""
     output_scanners: list[ScannerConfig] | None = None
+    """Ordered answer scanners; absent: the built-in default policy."""
 
     cache: CacheConfig = Field(default_factory=CacheConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
@@ -222,6 +267,7 @@ class Settings(_Section):
     management: ManagementConfig = Field(default_factory=ManagementConfig)
     stream: StreamConfig = Field(default_factory=StreamConfig)
     metrics_enabled: bool = True
+    """Serve /metrics and record Prometheus metrics."""
     tls: bool = Field(False, description="set when served over TLS (enables HSTS)")
 
     @model_validator(mode="before")
@@ -242,9 +288,7 @@ class Settings(_Section):
             names = [s.display_name for s in getattr(self, direction) or []]
             dupes = {n for n in names if names.count(n) > 1}
             if dupes:
-                raise ValueError(
-                    f"{direction}: scanner names must be unique, give each a `name`: {sorted(dupes)}"
-                )
+                raise ValueError(f"{direction}: scanner names must be unique, give each a `name`: {sorted(dupes)}")
         return self
 
 
@@ -325,11 +369,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     for name, value in environ.items():
         if name in ENV_KEYS:
             _set_path(out, ENV_KEYS[name], _env_value(value))
-        elif (
-            name.startswith(ENV_PREFIX)
-            and name not in _ENV_NON_KEYS
-            and not name.startswith(_OPERATOR_PREFIX)
-        ):
+        elif name.startswith(ENV_PREFIX) and name not in _ENV_NON_KEYS and not name.startswith(_OPERATOR_PREFIX):
             parts = tuple(p.lower() for p in name[len(ENV_PREFIX) :].split("__"))
             if parts[0] not in known_sections:
                 raise ConfigError(f"unknown setting in environment variable {name}")

@@ -117,3 +117,12 @@ def test_defaults_are_secure():
     assert s.block_on_guard_error is True and s.logging.log_content is False
     assert s.management.allow_model_management is False and s.cors.allow_origins == []
     assert s.proxy_host == "127.0.0.1" and s.cache.backend == "memory"
+
+
+def test_config_reference_is_up_to_date():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, str(root / "scripts" / "config_reference.py"), "--check"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr

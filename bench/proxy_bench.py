@@ -131,6 +131,25 @@ def ttfc(url: str, n: int = 200) -> float:
     return times[len(times) // 2]
 
 
+def stream_scaling(url: str, sizes: tuple[int, ...] = (1_000, 4_000, 16_000, 64_000)) -> list[tuple[int, float]]:
+    """Whole-stream time for answers of growing length (4-character chunks): linear scan work shows as a flat
+    time per 1,000 characters."""
+    out = []
+    unit = "lorem ipsum dolor sit amet, consectetur. "
+    with httpx.Client(timeout=120) as c:
+        for n in sizes:
+            body = {"model": "llama3.2", "messages": [{"role": "user", "content": f"REPEAT {n // len(unit)}: {unit}"}]}
+            times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                with c.stream("POST", url + "/api/chat", json=body) as r:
+                    for _ in r.iter_raw():
+                        pass
+                times.append((time.perf_counter() - t) * 1000)
+            out.append((n, min(times)))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=8)
@@ -210,6 +229,7 @@ def main() -> None:
             rows.append((conns, d, h, u))
         st = httpx.get(proxy + "/stats").json()
         t_direct, t_proxy = ttfc(direct), ttfc(proxy)
+        scaling = [(n, d, p) for (n, d), (_, p) in zip(stream_scaling(direct), stream_scaling(proxy), strict=True)]
         extra = f", + PromptInjection on {args.model}{' (ONNX)' if args.onnx else ''}" if args.model else ""
         print(f"\nproxy bench ({args.backend} cache, 1 worker, {args.duration}s per cell, wrk{extra})")
         print(
@@ -230,6 +250,9 @@ def main() -> None:
             f"streaming time to first chunk p50: direct {t_direct:.2f} ms, proxy {t_proxy:.2f} ms "
             f"(+{t_proxy - t_direct:.2f} ms)"
         )
+        for n, d, p in scaling:
+            print(f"whole stream of {n:>6} chars: direct {d:7.1f} ms, proxy {p:7.1f} ms "
+                  f"({(p - d) / n * 1000:.2f} ms added per 1,000 chars)")
         print(
             f"cache hit rate {st['cache']['hit_rate']:.3f}; idle RSS with the default-style policy {rss_idle:.0f} MB"
         )

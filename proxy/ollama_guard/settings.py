@@ -201,7 +201,7 @@ class ManagementConfig(_Section):
 
 class StreamConfig(_Section):
     # Pattern scanners run when this many new characters arrived (bounds scan work to O(n)).
-    pattern_step: int = Field(16, ge=1)
+    pattern_step: int = Field(32, ge=1)
     # Held back before the word still running at the scanned end: a match whose part before its last word
     # is at most this long is always seen whole (token-shaped secrets with their keyword prefix).
     default_overlap: int = Field(64, ge=1)

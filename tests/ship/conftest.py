@@ -89,3 +89,20 @@ def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
 
 def load_yaml(path: pathlib.Path) -> Any:
     return yaml.safe_load(path.read_text())
+
+
+def helm_notes(tmp_path: pathlib.Path, *args: str) -> str:
+    """NOTES.txt as `helm install` prints it. A client-side dry run needs no cluster on helm 4 (helm 3.17
+    still asks for one), so NOTES are rendered with helm 4; `helm lint` checks them on both."""
+    helm = require("helm4")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "KUBECONFIG": str(tmp_path / "none")}
+    out = subprocess.run(
+        [helm, "install", "og", str(CHART), "--namespace", "guard", "--dry-run=client", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split("NOTES:", 1)[1]

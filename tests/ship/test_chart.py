@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from .conftest import CHART, HELMS, ROOT, VALUES, by_kind, load_yaml, one, require, template, template_fails
+from .conftest import CHART, HELMS, ROOT, VALUES, by_kind, helm_notes, load_yaml, one, require, template, template_fails
 
 pytestmark = pytest.mark.helm
 
@@ -227,20 +227,7 @@ def test_chart_default_guardproxy_spec_is_accepted_by_the_operator(helm: str) ->
 
 
 def notes(tmp_path, *args: str) -> str:
-    """NOTES.txt as `helm install` prints it. A client-side dry run needs no cluster on helm 4 (helm 3.17
-    still asks for one), so NOTES are rendered with helm 4; `helm lint` checks them on both."""
-    helm = require("helm4")
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "KUBECONFIG": str(tmp_path / "none")}
-    out = subprocess.run(
-        [helm, "install", "og", str(CHART), "--namespace", "guard", "--dry-run=client", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=env,
-    )
-    assert out.returncode == 0, out.stderr
-    return out.stdout.split("NOTES:", 1)[1]
+    return helm_notes(tmp_path, *args)
 
 
 def test_notes_tell_how_to_check_the_operator_and_create_a_guardproxy(tmp_path) -> None:

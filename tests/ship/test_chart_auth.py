@@ -8,13 +8,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import pathlib
-import subprocess
 from typing import Any
 
 import pytest
 import yaml
 
-from .conftest import CHART, by_kind, one, require, template, template_fails
+from .conftest import CHART, by_kind, helm_notes, one, template, template_fails
 
 pytestmark = pytest.mark.helm
 
@@ -204,18 +203,7 @@ def test_helm_test_hook_only_checks_health(helm: str) -> None:
 
 
 def notes(tmp_path: pathlib.Path, *args: str) -> str:
-    helm = require("helm4")
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "KUBECONFIG": str(tmp_path / "none")}
-    out = subprocess.run(
-        [helm, "install", "og", str(CHART), "--namespace", "guard", "--dry-run=client", *ENABLED, *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=env,
-    )
-    assert out.returncode == 0, out.stderr
-    return out.stdout.split("NOTES:", 1)[1]
+    return helm_notes(tmp_path, *ENABLED, *args)
 
 
 def test_notes_tell_how_to_read_the_key_and_send_it(tmp_path: pathlib.Path) -> None:

@@ -75,6 +75,11 @@ def check_helm(cmd: list[str]) -> None:
         assert (ROOT / values).is_file()
         return
     assert chart == "charts/ollama-guard", cmd
+    render_documented(release, flags)
+
+
+def render_documented(release: str, flags: list[str]) -> str:
+    """`helm template` of a documented install of our chart (flags that need a cluster dropped)."""
     flags = [f for f in flags if f not in ("--create-namespace", "--wait")]
     out = subprocess.run(
         [require("helm3"), "template", release, str(CHART), *flags],
@@ -84,6 +89,7 @@ def check_helm(cmd: list[str]) -> None:
         check=False,
     )
     assert out.returncode == 0, out.stderr
+    return out.stdout
 
 
 def documented_chart_secrets() -> dict[str, dict[str, str]]:
@@ -94,16 +100,7 @@ def documented_chart_secrets() -> dict[str, dict[str, str]]:
             continue
         args = cmd[cmd.index("charts/ollama-guard") + 1 :]
         release = cmd[cmd.index("charts/ollama-guard") - 1]
-        flags = [f for f in args if f not in ("--create-namespace", "--wait")]
-        out = subprocess.run(
-            [require("helm3"), "template", release, str(CHART), *flags],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert out.returncode == 0, out.stderr
-        for doc in yaml.safe_load_all(out.stdout):
+        for doc in yaml.safe_load_all(render_documented(release, args)):
             if doc and doc["kind"] == "Secret":
                 found[doc["metadata"]["name"]] = doc["data"]
     return found

@@ -43,6 +43,7 @@ from .relay import GuardedStream
 from .requests import GuardedRequest, Validator
 from .scanning.engine import GuardUnavailable, ScanEngine, Verdict
 from .scanning.policy import Policy, build_policy
+from .scanning.registry import new_vault
 from .scanning.stream import StreamGuard
 from .security import Authenticator, ClientIP, IPFilter, Principal
 from .settings import Settings
@@ -353,7 +354,7 @@ class Handlers:
             # Fail closed before anything is forwarded: a required guard is not there.
             raise GuardUnavailable(", ".join(x.name for x in st.policy.missing_required()))
         started = time.perf_counter()
-        vault = _new_vault() if st.policy is not None and st.policy.needs_vault() else None
+        vault = new_vault() if st.policy.needs_vault() else None
         in_verdicts: list[Verdict] = []
         decision, fired = "allowed", []
         if s.enable_input_guard and st.engine.has_scanners("input") and req.targets:
@@ -696,12 +697,6 @@ class Handlers:
         return error_response(
             dialect_of(request.url.path), 404, f"{request.url.path} is not served by the guard", "not_found"
         )
-
-
-def _new_vault() -> Any:
-    from .scanning.registry import import_module
-
-    return import_module("llm_guard.vault").Vault()
 
 
 async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:

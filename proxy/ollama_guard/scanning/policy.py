@@ -316,12 +316,7 @@ def build_policy(settings: Settings) -> Policy:
             )
         return device_box[0]
 
-    vault_factory = None
-
-    def make_vault() -> Any:
-        return registry.import_module("llm_guard.vault").Vault()
-
-    vault_factory = make_vault
+    vault_factory = registry.new_vault
     inputs = settings.input_scanners if settings.input_scanners is not None else default_input_scanners()
     outputs = settings.output_scanners if settings.output_scanners is not None else default_output_scanners()
     for direction, cfgs in (("input", inputs), ("output", outputs)):

@@ -158,6 +158,11 @@ def default_model(st: ScannerType) -> Any | None:
     return getattr(import_module(mod), attr)
 
 
+def new_vault() -> Any:
+    """An empty llm-guard Vault (placeholder -> original value), one per request."""
+    return import_module("llm_guard.vault").Vault()
+
+
 def llm_guard_version() -> str:
     from importlib.metadata import version
 

@@ -252,26 +252,19 @@ def deployment(owner: Owner, spec: GuardProxySpec, name: str, variant: Variant) 
         {"name": "models", "mountPath": "/models", "readOnly": True},
     ]
     auth = spec.auth
+    # Each credential Secret is mounted read-only and its key's path handed to the proxy by env.
+    for volume, directory, env_name, ref in (
+        ("api-keys", "api-keys", "OLLAMA_GUARD_API_KEYS_FILE", auth.api_keys_secret),
+        ("admin-token", "admin", "OLLAMA_GUARD_ADMIN_TOKEN_FILE", auth.admin_token_secret),
+    ):
+        if ref is None:
+            continue
+        volumes.append({"name": volume, "secret": {"secretName": ref.name}})
+        mounts.append({"name": volume, "mountPath": f"/var/run/ollama-guard/{directory}", "readOnly": True})
+        env.append({"name": env_name, "value": f"/var/run/ollama-guard/{directory}/{ref.key}"})
     if auth.api_keys_secret is not None:
-        volumes.append({"name": "api-keys", "secret": {"secretName": auth.api_keys_secret.name}})
-        mounts.append({"name": "api-keys", "mountPath": "/var/run/ollama-guard/api-keys", "readOnly": True})
-        env.append(
-            {
-                "name": "OLLAMA_GUARD_API_KEYS_FILE",
-                "value": f"/var/run/ollama-guard/api-keys/{auth.api_keys_secret.key}",
-            }
-        )
         # The proxy's auth.enabled defaults to false (local use); keys given means keys required.
         env.append({"name": "OLLAMA_GUARD_AUTH__ENABLED", "value": "true"})
-    if auth.admin_token_secret is not None:
-        volumes.append({"name": "admin-token", "secret": {"secretName": auth.admin_token_secret.name}})
-        mounts.append({"name": "admin-token", "mountPath": "/var/run/ollama-guard/admin", "readOnly": True})
-        env.append(
-            {
-                "name": "OLLAMA_GUARD_ADMIN_TOKEN_FILE",
-                "value": f"/var/run/ollama-guard/admin/{auth.admin_token_secret.key}",
-            }
-        )
 
     container = {
         "name": "proxy",

@@ -48,14 +48,11 @@ def export_onnx(model_dir: str | os.PathLike[str], max_length: int = 512, opset:
         def forward(self, input_ids: Any, attention_mask: Any) -> Any:
             return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
 
+    def encode(texts: list[str]) -> Any:
+        return tokenizer(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+
     # A sample of two texts of different lengths, padded: the traced graph must not bake in either size.
-    sample = tokenizer(
-        ["a short sample", "a somewhat longer sample text for tracing the graph"],
-        padding="longest",
-        truncation=True,
-        max_length=max_length,
-        return_tensors="pt",
-    )
+    sample = encode(["a short sample", "a somewhat longer sample text for tracing the graph"])
     args = (sample["input_ids"], sample["attention_mask"])
     tmp = target.with_suffix(".onnx.tmp")
     with torch.inference_mode():
@@ -77,13 +74,7 @@ def export_onnx(model_dir: str | os.PathLike[str], max_length: int = 512, opset:
             dynamo=False,
         )
     # Check the export on a shape it was not traced with before replacing a previous one.
-    check = tokenizer(
-        ["check", "a third text of yet another length, to exercise the dynamic axes of the graph"],
-        padding="longest",
-        truncation=True,
-        max_length=max_length,
-        return_tensors="pt",
-    )
+    check = encode(["check", "a third text of yet another length, to exercise the dynamic axes of the graph"])
     with torch.inference_mode():
         expected = model(input_ids=check["input_ids"], attention_mask=check["attention_mask"]).logits.numpy()
     session = make_session(tmp, threads=1)

@@ -303,16 +303,13 @@ def decision_header(decision: str, scanners: list[str]) -> tuple[str, str]:
     return ("X-Guard-Decision", f"{decision}; scanners={','.join(scanners)}" if scanners else decision)
 
 
-def scan_header(
-    verdicts: list[Verdict], direction: str, directions: dict[int, str] | None = None
-) -> tuple[str, str] | None:
+def scan_header(*groups: tuple[str, Sequence[Verdict]]) -> tuple[str, str] | None:
     """`X-Guard-Scanners: input:Secrets;score=1.00;ms=2.9, ...`: per scanner, the top score and total time."""
     merged: dict[tuple[str, str], tuple[float, float]] = {}
-    for v in verdicts:
-        d = (directions or {}).get(id(v), direction or "input")
-        for r in v.results:
-            score, ms = merged.get((d, r.scanner), (-1.0, 0.0))
-            merged[(d, r.scanner)] = (max(score, r.score), ms + r.ms)
+    for direction, verdicts in groups:
+        for r in (r for v in verdicts for r in v.results):
+            score, ms = merged.get((direction, r.scanner), (-1.0, 0.0))
+            merged[(direction, r.scanner)] = (max(score, r.score), ms + r.ms)
     if not merged:
         return None
     value = ", ".join(f"{d}:{n};score={s:.2f};ms={ms:.1f}" for (d, n), (s, ms) in merged.items())
@@ -380,7 +377,7 @@ class Handlers:
             return Response(status_code=499)
         st.metrics.upstream_seconds.labels(route.path).observe(time.perf_counter() - up_started)
         guard_headers = [decision_header(decision, sorted(set(fired)))]
-        sh = scan_header(in_verdicts, "input")
+        sh = scan_header(("input", in_verdicts))
         if sh:
             guard_headers.append(sh)
         out_on = (
@@ -430,7 +427,7 @@ class Handlers:
                 body = orjson.dumps(with_text(route, obj, v.text))
                 decision = "sanitized"
         guard_headers[0] = decision_header(decision, sorted(set(fired)))
-        sh = scan_header(in_verdicts + out_verdicts, "", {id(v): "output" for v in out_verdicts})
+        sh = scan_header(("input", in_verdicts), ("output", out_verdicts))
         guard_headers[1:] = [sh] if sh else []
         self._audit(request, req, decision, fired, in_verdicts, out_verdicts, 200, started)
         return make_response(body, 200, up_headers + guard_headers)
@@ -451,7 +448,7 @@ class Handlers:
         )
         decision = "error" if errored else "blocked"
         headers = [decision_header(decision, names)]
-        sh = scan_header(verdicts, direction)
+        sh = scan_header((direction, verdicts))
         if sh:
             headers.append(sh)
         self._audit(

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
+from .redis_state import RedisState
 from .settings import CacheConfig, RedisConfig
 
 log = logging.getLogger(__name__)
@@ -115,32 +116,39 @@ class VerdictCache:
         self.redis: RedisCache | None = (
             RedisCache(redis_cfg, cfg.ttl) if cfg.backend in ("auto", "redis") else None
         )
-        self.retry_interval = redis_cfg.retry_interval
-        self._redis_down_until = 0.0
+        self.state = RedisState(redis_cfg.retry_interval, "verdict cache")
         self.hits = 0
         self.misses = 0
-        self.redis_errors = 0
-        self.fallbacks = 0
         self._report_backend()
 
     @property
     def backend(self) -> str:
-        if self.redis is not None and time.monotonic() >= self._redis_down_until:
-            return "redis"
-        return "memory"
+        return self.state.backend if self.redis is not None else "memory"
+
+    @property
+    def redis_errors(self) -> int:
+        return self.state.errors
+
+    @property
+    def fallbacks(self) -> int:
+        return self.state.fallbacks
+
+    def _use_redis(self) -> bool:
+        return self.redis is not None and self.state.should_try()
 
     def _report_backend(self) -> None:
         if self.metrics is not None:
             self.metrics.cache_backend(self.backend)
 
+    def _redis_ok(self) -> None:
+        if not self.state.up:
+            self.state.succeeded()
+            self._report_backend()
+
     def _redis_failed(self, exc: BaseException) -> None:
-        self.redis_errors += 1
+        self.state.failed(exc)
         if self.metrics is not None:
             self.metrics.redis_error()
-        if self._redis_down_until <= time.monotonic():
-            self.fallbacks += 1
-            log.warning("redis unavailable (%s); verdict cache falls back to memory", type(exc).__name__)
-        self._redis_down_until = time.monotonic() + self.retry_interval
         self._report_backend()
 
     def _count(self, backend: str, values: Sequence[bytes | None]) -> None:
@@ -151,12 +159,12 @@ class VerdictCache:
             self.metrics.cache_lookup(backend, hits, len(values) - hits)
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        if self.backend == "redis":
+        if self._use_redis():
             assert self.redis is not None
             try:
                 values = await self.redis.get_many(keys)
+                self._redis_ok()
                 self._count("redis", values)
-                self._report_backend()
                 return values
             except Exception as exc:  # any Redis failure: serve from memory, never fail the request
                 self._redis_failed(exc)
@@ -167,10 +175,11 @@ class VerdictCache:
     async def set_many(self, items: Sequence[tuple[str, bytes]]) -> None:
         for k, v in items:
             self.memory.set(k, v)
-        if self.backend == "redis":
+        if self._use_redis():
             assert self.redis is not None
             try:
                 await self.redis.set_many(items)
+                self._redis_ok()
             except Exception as exc:
                 self._redis_failed(exc)
 
@@ -179,6 +188,7 @@ class VerdictCache:
         if self.redis is not None:
             try:
                 out["redis"] = await self.redis.clear()
+                self._redis_ok()
             except Exception as exc:
                 self._redis_failed(exc)
         return out

@@ -8,16 +8,14 @@ Redis is unreachable each replica enforces the same limits locally, and goes bac
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from .redis_state import RedisState
 from .settings import RateLimitConfig, RedisConfig
-
-log = logging.getLogger(__name__)
 
 _LUA = """
 local rate1, cap1 = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -125,9 +123,7 @@ class RateLimiter:
         self.default = Limits(cfg.per_minute, cfg.per_hour, cfg.burst)
         self.local = LocalBuckets()
         self.metrics = metrics
-        self.retry_interval = redis_cfg.retry_interval
-        self._down_until = 0.0
-        self.redis_errors = 0
+        self.state = RedisState(redis_cfg.retry_interval, "rate limiting")
         self.prefix = f"{redis_cfg.key_prefix}:rl:"
         self.redis: Any = None
         self._script: Any = None
@@ -145,7 +141,11 @@ class RateLimiter:
 
     @property
     def backend(self) -> str:
-        return "redis" if self.redis is not None and time.monotonic() >= self._down_until else "memory"
+        return self.state.backend if self.redis is not None else "memory"
+
+    @property
+    def redis_errors(self) -> int:
+        return self.state.errors
 
     def limits_for(self, key_cfg: Any) -> Limits:
         if key_cfg is None:
@@ -157,23 +157,19 @@ class RateLimiter:
         )
 
     async def take(self, client: str, limits: Limits) -> Decision:
-        if self.backend == "redis":
+        if self.redis is not None and self.state.should_try():
             try:
                 ttl = max(60, math.ceil(limits.per_hour / limits.rate2))
                 allowed, a, b = await self._script(
                     keys=[self.prefix + client],
                     args=[limits.rate1, limits.burst, limits.rate2, limits.per_hour, ttl],
                 )
+                self.state.succeeded()
                 return decide(limits, bool(int(allowed)), float(a), float(b))
             except Exception as exc:  # Redis down: enforce locally, never fail the request
-                self.redis_errors += 1
+                self.state.failed(exc)
                 if self.metrics is not None:
                     self.metrics.redis_error()
-                if self._down_until <= time.monotonic():
-                    log.warning(
-                        "redis unavailable for rate limits (%s); enforcing locally", type(exc).__name__
-                    )
-                self._down_until = time.monotonic() + self.retry_interval
         return self.local.take(client, limits)
 
     async def close(self) -> None:

@@ -167,3 +167,23 @@ def test_rate_limits_hold_locally_while_redis_is_down_and_return_to_redis(start_
     redis.start()  # an empty Redis: the local bucket is spent, a fresh one waits in Redis
     wait_for(lambda: chat(p.url, "c").status_code == 200, 10, "rate limits back on redis")
     assert stats(p.url)["rate_limit"]["backend"] == "redis"
+
+
+def test_redis_state_stays_down_until_a_call_succeeds():
+    from ollama_guard.redis_state import RedisState
+
+    waits = RedisState(retry_interval=3600, purpose="test")
+    waits.failed(ConnectionError())
+    assert (waits.backend, waits.should_try()) == ("memory", False)  # no retry before the interval
+
+    state = RedisState(retry_interval=0, purpose="test")
+    assert (state.backend, state.should_try()) == ("redis", True)
+    state.failed(ConnectionError())
+    state.failed(ConnectionError())
+    # The retry interval has passed, but a retry due is not a Redis that answers: still on memory.
+    assert (state.backend, state.should_try()) == ("memory", True)
+    assert (state.errors, state.fallbacks) == (2, 1)  # one outage, two failed calls
+    state.succeeded()
+    assert state.backend == "redis"
+    state.failed(TimeoutError())
+    assert (state.errors, state.fallbacks) == (3, 2)

@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import __version__
 from .cache import VerdictCache
 from .dialects import (
+    CONTENT,
     OLLAMA,
     OPENAI,
     ROUTES,
@@ -32,9 +33,11 @@ from .dialects import (
     Route,
     blocked_message_response,
     blocked_message_stream,
-    chunk_text,
+    chunk_parts,
     error_body,
+    tool_call_texts,
     with_text,
+    with_tool_call_texts,
 )
 from .logs import audit_log, request_id
 from .metrics import Metrics
@@ -44,7 +47,7 @@ from .requests import GuardedRequest, Validator
 from .scanning.engine import GuardUnavailable, ScanEngine, Verdict
 from .scanning.policy import Policy, build_policy
 from .scanning.registry import new_vault
-from .scanning.stream import StreamGuard
+from .scanning.stream import StreamGuard, side_scanners
 from .security import Authenticator, ClientIP, IPFilter, Principal
 from .settings import Settings
 from .stats import Stats
@@ -389,14 +392,14 @@ class Handlers:
             up_headers = response_headers(resp.headers)
             if not out_on:
                 return _stream_response(_raw_relay(resp), resp.status, up_headers + guard_headers)
-            guard = StreamGuard(st.engine, s, prompt=req.prompt, vault=vault)
-            relay = GuardedStream(
+            engine = st.engine
+            relay: GuardedStream = GuardedStream(
                 resp,
                 route,
-                guard,
+                lambda side: StreamGuard(engine, s, prompt=req.prompt, vault=vault, side=side),
                 req.model,
                 s.blocked_message if s.blocked_response == "message" else None,
-                on_end=lambda v: self._stream_ended(request, req, v, guard, decision, fired, in_verdicts, started),
+                on_end=lambda v: self._stream_ended(request, req, v, relay, decision, fired, in_verdicts, started),
             )
             return _stream_response(relay.__aiter__(), resp.status, up_headers + guard_headers)
         try:
@@ -415,22 +418,57 @@ class Handlers:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError:
             raise UpstreamError(502, "protocol", "Ollama's answer is not JSON") from None
-        text = chunk_text(route, obj)
-        out_verdicts: list[Verdict] = []
-        if text:
-            out_verdicts = await st.engine.scan_many("output", [text], prompt=req.prompt, vault=vault)
-            v = out_verdicts[0]
-            if v.blocked:
-                return self._blocked(request, req, [v], "output", started, in_verdicts)
+        out_verdicts, answer = await self._scan_answer(route, obj, req.prompt, vault)
+        blocked_out = [v for v in out_verdicts if v.blocked]
+        if blocked_out:
+            return self._blocked(request, req, blocked_out, "output", started, in_verdicts)
+        for v in out_verdicts:
             fired.extend(v.fired)
-            if v.sanitized:
-                body = orjson.dumps(with_text(route, obj, v.text))
-                decision = "sanitized"
+        if answer is not obj:
+            body = orjson.dumps(answer)
+            decision = "sanitized"
         guard_headers[0] = decision_header(decision, sorted(set(fired)))
         sh = scan_header(("input", in_verdicts), ("output", out_verdicts))
         guard_headers[1:] = [sh] if sh else []
         self._audit(request, req, decision, fired, in_verdicts, out_verdicts, 200, started)
         return make_response(body, 200, up_headers + guard_headers)
+
+    async def _scan_answer(
+        self, route: Route, obj: Any, prompt: str, vault: Any
+    ) -> tuple[list[Verdict], Any]:
+        """Scan every text of a whole answer: the content with every output scanner (cached), the thinking
+        and each tool call's arguments with all but the answer-only ones. Returns the verdicts and the answer
+        to send: the same object when nothing was sanitized, a rewritten copy when something was."""
+        engine = self.st.engine
+        assert engine is not None
+        side = side_scanners(engine)
+        calls = tool_call_texts(route, obj)
+        targets = [(ch, t) for ch, t in chunk_parts(route, obj) if ch == CONTENT or side]
+        if side:
+            targets += [("tool", t) for t in calls if t]
+
+        async def scan(channel: str, text: str) -> Verdict:
+            if channel == CONTENT:
+                return (await engine.scan_many("output", [text], prompt=prompt, vault=vault))[0]
+            return await engine.scan_window(side, text, prompt, vault)
+
+        verdicts = list(await asyncio.gather(*(scan(ch, t) for ch, t in targets)))
+        if any(v.blocked for v in verdicts) or not any(v.sanitized for v in verdicts):
+            return verdicts, obj
+        answer = obj
+        for (ch, _), v in zip(targets, verdicts, strict=True):
+            if v.sanitized and ch != "tool":
+                answer = with_text(route, answer, v.text, ch)
+        tool_verdicts = iter(v for (ch, _), v in zip(targets, verdicts, strict=True) if ch == "tool")
+        new_calls = [next(tool_verdicts).text if t and side else t for t in calls]
+        if new_calls != calls:
+            rewritten = with_tool_call_texts(route, answer, new_calls)
+            if rewritten is None:  # sanitized arguments that no longer parse cannot be sent
+                for v in verdicts:
+                    v.blocked = v.blocked or v.sanitized
+                return verdicts, obj
+            answer = rewritten
+        return verdicts, answer
 
     def _blocked(
         self,
@@ -498,21 +536,21 @@ class Handlers:
         request: Request,
         req: GuardedRequest,
         violation: Verdict | None,
-        guard: StreamGuard,
+        relay: GuardedStream,
         decision: str,
         fired: list[str],
         in_verdicts: list[Verdict],
         started: float,
     ) -> None:
         """The audit record of a streamed answer, written when the stream has ended (stopped or whole)."""
-        out = Verdict("", violation is not None, guard.sanitized, False, guard.results)
+        out = Verdict("", violation is not None, relay.sanitized, False, relay.results)
         if violation is not None:
             names = violation.blocked_by or violation.fired
             for n in names:
                 self.st.metrics.streams_stopped.labels(req.route.dialect, n).inc()
             self._audit(request, req, "blocked", names, in_verdicts, [out], 200, started, stream_stopped=True)
             return
-        if guard.sanitized:
+        if relay.sanitized:
             decision = "sanitized"
         self._audit(
             request,
@@ -523,7 +561,7 @@ class Handlers:
             [out],
             200,
             started,
-            scanned_chars=guard.scanned_chars,
+            scanned_chars=relay.scanned_chars,
         )
 
     def _audit(

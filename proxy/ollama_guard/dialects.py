@@ -58,54 +58,196 @@ ROUTES: dict[str, Route] = {
 }
 
 
-# ---- stream chunk codecs --------------------------------------------------------------------------------
+# ---- where answers carry text ------------------------------------------------------------------------
+#
+# An answer (or stream chunk) carries text the client sees in up to three places, all scanned:
+# - ``content``: the answer itself;
+# - ``thinking``: a reasoning model's thoughts (native ``thinking``, OpenAI-compatible ``reasoning``);
+# - tool calls: the arguments the model wrote for each call (native: a JSON object, OpenAI: a JSON string).
+
+CONTENT = "content"
+THINKING = "thinking"
+_OPENAI_THINKING = ("reasoning", "reasoning_content")
 
 
-def chunk_text(route: Route, obj: Any) -> str | None:
-    """The answer text a response or stream chunk carries, or None where it carries none."""
+def _holder(route: Route, obj: Any, create: bool = False) -> dict[str, Any] | None:
+    """The dict in a chunk that holds its text fields (the message, the delta, the choice or the chunk)."""
     if not isinstance(obj, dict):
         return None
     if route.dialect == OLLAMA:
-        if route.kind == "chat":
-            msg = obj.get("message")
-            text = msg.get("content") if isinstance(msg, dict) else None
-        else:
-            text = obj.get("response")
-        return text if isinstance(text, str) and text else None
+        if route.kind != "chat":
+            return obj
+        msg = obj.get("message")
+        if not isinstance(msg, dict) and create:
+            msg = obj["message"] = {"role": "assistant"}
+        return msg if isinstance(msg, dict) else None
     choices = obj.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        return None
+        if not create:
+            return None
+        choices = obj["choices"] = [{"index": 0}]
     c = choices[0]
-    if route.kind == "chat":
-        part = c.get("delta") if "delta" in c else c.get("message")
-        text = part.get("content") if isinstance(part, dict) else None
-    else:
-        text = c.get("text")
-    return text if isinstance(text, str) and text else None
+    if route.kind != "chat":
+        return c
+    key = "delta" if "delta" in c or obj.get("object") == "chat.completion.chunk" else "message"
+    part = c.get(key)
+    if not isinstance(part, dict) and create:
+        part = c[key] = {"role": "assistant"}
+    return part if isinstance(part, dict) else None
 
 
-def with_text(route: Route, obj: dict[str, Any], text: str) -> dict[str, Any]:
-    """A copy of a chunk or response with its answer text replaced; every other field kept."""
+def _key(route: Route, holder: dict[str, Any], channel: str) -> str:
+    if channel == CONTENT:
+        if route.dialect == OLLAMA:
+            return "content" if route.kind == "chat" else "response"
+        return "content" if route.kind == "chat" else "text"
+    if route.dialect == OLLAMA:
+        return "thinking"
+    return next((k for k in _OPENAI_THINKING if k in holder), _OPENAI_THINKING[0])
+
+
+def chunk_parts(route: Route, obj: Any) -> list[tuple[str, str]]:
+    """(channel, text) for each non-empty text a chunk or answer carries: thinking first, then content."""
+    holder = _holder(route, obj)
+    if holder is None:
+        return []
+    out = []
+    for channel in (THINKING, CONTENT):
+        text = holder.get(_key(route, holder, channel))
+        if isinstance(text, str) and text:
+            out.append((channel, text))
+    return out
+
+
+def chunk_text(route: Route, obj: Any) -> str | None:
+    """The answer text (content) a response or stream chunk carries, or None where it carries none."""
+    return next((t for ch, t in chunk_parts(route, obj) if ch == CONTENT), None)
+
+
+def tool_calls(route: Route, obj: Any) -> list[Any]:
+    holder = _holder(route, obj)
+    calls = holder.get("tool_calls") if holder is not None else None
+    return calls if isinstance(calls, list) else []
+
+
+def tool_call_texts(route: Route, obj: Any) -> list[str]:
+    """The text of each tool call's arguments, as scanned: a JSON object's serialisation, or the string."""
+    out = []
+    for call in tool_calls(route, obj):
+        fn = call.get("function") if isinstance(call, dict) else None
+        args = fn.get("arguments") if isinstance(fn, dict) else None
+        if args is None:
+            out.append("")
+        elif isinstance(args, str):
+            out.append(args)
+        else:
+            out.append(orjson.dumps(args).decode())
+    return out
+
+
+def with_tool_call_texts(route: Route, obj: dict[str, Any], texts: list[str]) -> dict[str, Any] | None:
+    """A copy with each tool call's arguments replaced by a sanitized text, or None when a sanitized text no
+    longer has the arguments' shape (a JSON object that stopped parsing): such a call cannot be sent."""
+    out = _copy_path(route, obj)
+    holder = _holder(route, out)
+    assert holder is not None
+    calls = []
+    for call, text in zip(holder["tool_calls"], texts, strict=True):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or fn.get("arguments") is None:
+            calls.append(call)
+            continue
+        if not isinstance(fn["arguments"], str):
+            try:
+                args: Any = orjson.loads(text)
+            except orjson.JSONDecodeError:
+                return None
+            if type(args) is not type(fn["arguments"]):
+                return None
+        else:
+            args = text
+        calls.append({**call, "function": {**fn, "arguments": args}})
+    holder["tool_calls"] = calls
+    return out
+
+
+def _copy_path(route: Route, obj: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a chunk deep enough that its text holder (and the path to it) can be changed."""
     out = dict(obj)
     if route.dialect == OLLAMA:
-        if route.kind == "chat":
-            msg = dict(out.get("message") or {"role": "assistant"})
-            msg["content"] = text
-            out["message"] = msg
-        else:
-            out["response"] = text
+        if route.kind == "chat" and isinstance(out.get("message"), dict):
+            out["message"] = dict(out["message"])
         return out
-    choices = [dict(c) for c in out.get("choices") or [{"index": 0}]]
-    c = choices[0]
-    if route.kind == "chat":
-        key = "delta" if "delta" in c or out.get("object") == "chat.completion.chunk" else "message"
-        part = dict(c.get(key) or {"role": "assistant"})
-        part["content"] = text
-        c[key] = part
-    else:
-        c["text"] = text
-    out["choices"] = choices
+    if isinstance(out.get("choices"), list):
+        out["choices"] = [dict(c) if isinstance(c, dict) else c for c in out["choices"]]
+        c = out["choices"][0] if out["choices"] else None
+        if route.kind == "chat" and isinstance(c, dict):
+            for key in ("delta", "message"):
+                if isinstance(c.get(key), dict):
+                    c[key] = dict(c[key])
     return out
+
+
+def with_text(route: Route, obj: dict[str, Any], text: str, channel: str = CONTENT) -> dict[str, Any]:
+    """A copy of a chunk or response with the text of one channel replaced; every other field kept."""
+    out = _copy_path(route, obj)
+    holder = _holder(route, out, create=True)
+    assert holder is not None
+    holder[_key(route, holder, channel)] = text
+    return out
+
+
+def split_parts(route: Route, obj: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """A chunk carrying more than one kind of text (thinking and content, or text and tool calls) as one
+    chunk per kind, in order: ("thinking" | "content" | "tools", chunk). A chunk with one kind or none is
+    returned whole (kind "" for none). Only the last part keeps the end-of-stream fields."""
+    kinds = [ch for ch, _ in chunk_parts(route, obj)] + (["tools"] if tool_calls(route, obj) else [])
+    if len(kinds) <= 1:
+        return [(kinds[0] if kinds else "", obj)]
+    parts = []
+    for i, kind in enumerate(kinds):
+        part = _copy_path(route, obj)
+        holder = _holder(route, part)
+        assert holder is not None
+        for other in kinds:
+            if other == kind:
+                continue
+            if other == "tools":
+                holder.pop("tool_calls", None)
+            else:
+                holder[_key(route, holder, other)] = ""
+        if i < len(kinds) - 1:
+            _not_last(route, part)
+        parts.append((kind, part))
+    return parts
+
+
+def _not_last(route: Route, part: dict[str, Any]) -> None:
+    if route.dialect == OLLAMA:
+        if part.get("done"):
+            part["done"] = False
+            for k in list(part):
+                if k == "done_reason" or k.endswith("_duration") or k.endswith("_count") or k == "context":
+                    del part[k]
+        return
+    part.pop("usage", None)
+    c = part["choices"][0]
+    if c.get("finish_reason") is not None:
+        c["finish_reason"] = None
+
+
+def text_template(route: Route, obj: dict[str, Any], model: str) -> dict[str, Any]:
+    """The fields a rebuilt text chunk copies from the stream: identity, never text, tool calls or the end."""
+    if route.dialect == OLLAMA:
+        base = {"model": obj.get("model", model), "created_at": obj.get("created_at") or now_rfc3339()}
+        if route.kind == "chat":
+            return {**base, "message": {"role": "assistant", "content": ""}, "done": False}
+        return {**base, "response": "", "done": False}
+    tmpl = {k: v for k, v in obj.items() if k in ("id", "object", "created", "model", "system_fingerprint")}
+    tmpl.setdefault("model", model)
+    if route.kind == "chat":
+        return {**tmpl, "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
+    return {**tmpl, "choices": [{"index": 0, "text": "", "finish_reason": None}]}
 
 
 def stopped_stream_tail(

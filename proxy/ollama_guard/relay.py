@@ -1,8 +1,9 @@
 """Relaying a streamed answer (Ollama NDJSON or OpenAI SSE) through the streaming guard.
 
 While nothing was sanitized, chunks go out exactly as Ollama sent them, each once all of its text has passed.
-Once a sanitizer changed the text, text goes out in chunks rebuilt from the last upstream chunk (every field
-kept, the text replaced), and chunks without text (tool calls, the final `done` chunk) keep their place.
+Once a sanitizer changed the text, text goes out in chunks rebuilt from the stream's identity fields (model,
+id, created) with the text replaced, and chunks without text (the final `done` chunk) keep their place.
+Thinking is guarded like the answer, by its own guard; tool calls are scanned whole before they go out.
 On a violation the upstream connection is closed (Ollama stops generating) and the stream ends with a
 well-formed final chunk in the caller's dialect.
 """
@@ -11,15 +12,28 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
 
-from .dialects import OLLAMA, Route, chunk_text, encode_ndjson, encode_sse, stopped_stream_tail, with_text
-from .scanning.engine import Verdict
+from .dialects import (
+    CONTENT,
+    OLLAMA,
+    Route,
+    chunk_parts,
+    encode_ndjson,
+    encode_sse,
+    split_parts,
+    stopped_stream_tail,
+    text_template,
+    tool_call_texts,
+    with_text,
+    with_tool_call_texts,
+)
+from .scanning.engine import ScanResult, Verdict
 from .scanning.stream import StreamGuard
 
 log = logging.getLogger(__name__)
@@ -58,101 +72,217 @@ class _Entry:
     end: int  # offset in the text where this chunk's text ends (markers: where they sit)
 
 
+@dataclass(slots=True)
+class _Marker(_Entry):
+    """A chunk without text of its segment's kind."""
+
+
+class _Segment:
+    """One run of one kind of text (thinking or content) through its own StreamGuard, with the chunks
+    waiting for their text to pass."""
+
+    __slots__ = ("kind", "guard", "pending", "offset", "sent", "rewrite", "seen_replacements")
+
+    def __init__(self, kind: str, guard: StreamGuard):
+        self.kind = kind
+        self.guard = guard
+        self.pending: deque[_Entry] = deque()
+        self.offset = 0  # end of the text received so far (clean mode)
+        self.sent = 0  # end of the text the client has
+        self.rewrite = False
+        self.seen_replacements = 0
+
+
 class GuardedStream:
-    """Pulls the upstream stream, pushes text through a StreamGuard, yields what may reach the client."""
+    """Pulls the upstream stream, pushes its text through StreamGuards, yields what may reach the client.
+
+    The answer and the model's thinking each get their own guard, one after the other, in stream order: when
+    the kind of text changes, the run before is finished (all its scans done, all of it released) before the
+    next begins. Tool calls are scanned whole, in place, after the text before them has passed.
+    """
 
     def __init__(
         self,
         resp: aiohttp.ClientResponse,
         route: Route,
-        guard: StreamGuard,
+        new_guard: Callable[[bool], StreamGuard],
         model: str,
         blocked_message: str | None,
         on_end: Any = None,
     ):
         self.resp = resp
         self.route = route
-        self.guard = guard
+        self.new_guard = new_guard  # new_guard(side) -> a fresh StreamGuard
         self.model = model
         self.blocked_message = blocked_message
         self.on_end = on_end  # called once with the violation (or None) when the stream ends in full
-        self.pending: deque[_Entry] = deque()
-        self.offset = 0  # end of the text received so far (clean mode)
-        self.sent = 0  # end of the text the client has
-        self.rewrite = False
-        self.seen_replacements = 0
+        self.guards: list[StreamGuard] = []
+        self.seg = self._segment(CONTENT)
         self.template: dict[str, Any] | None = None
+        self.tools_sanitized = False
         self.violation: Verdict | None = None
+
+    # ---- what the audit record reads -------------------------------------------------------------------
+    @property
+    def results(self) -> list[ScanResult]:
+        return [r for g in self.guards for r in g.results]
+
+    @property
+    def sanitized(self) -> bool:
+        return self.tools_sanitized or any(g.sanitized for g in self.guards)
+
+    @property
+    def scanned_chars(self) -> int:
+        return sum(g.scanned_chars for g in self.guards)
+
+    # ---- segments ----------------------------------------------------------------------------------------
+    def _segment(self, kind: str) -> _Segment:
+        guard = self.new_guard(kind != CONTENT)
+        self.guards.append(guard)
+        return _Segment(kind, guard)
 
     def _encode(self, obj: Any) -> bytes:
         return encode_ndjson(obj) if self.route.dialect == OLLAMA else encode_sse(obj)
 
-    def _text_chunk(self, start: int, end: int) -> bytes:
-        tmpl = self.template or {"model": self.model}
-        return self._encode(with_text(self.route, tmpl, self.guard.text[start:end]))
+    def _text_chunk(self, seg: _Segment, start: int, end: int) -> bytes:
+        tmpl = self.template or text_template(self.route, {}, self.model)
+        return self._encode(with_text(self.route, tmpl, seg.guard.text[start:end], seg.kind))
 
-    def _sync_rewrite(self) -> None:
+    def _sync_rewrite(self, seg: _Segment) -> None:
         """A sanitizer changed unreleased text: from now on text chunks are rebuilt from the guard's text.
 
         Queued text chunks are dropped (their text lives on in the guard); markers past what the client has
         move to the end of the current text, after the rewritten stretch.
         """
-        if self.guard.replacements == self.seen_replacements:
+        if seg.guard.replacements == seg.seen_replacements:
             return
-        self.seen_replacements = self.guard.replacements
-        end = len(self.guard.text)
+        seg.seen_replacements = seg.guard.replacements
+        end = len(seg.guard.text)
         kept: deque[_Entry] = deque()
-        for e in self.pending:
+        for e in seg.pending:
             if isinstance(e, _Marker):
-                kept.append(_Marker(e.raw, e.end if e.end <= self.sent else end))
-        self.pending = kept
-        self.rewrite = True
+                kept.append(_Marker(e.raw, e.end if e.end <= seg.sent else end))
+        seg.pending = kept
+        seg.rewrite = True
 
-    def _release(self, upto: int) -> list[bytes]:
+    def _release(self, seg: _Segment, upto: int) -> list[bytes]:
+        self._sync_rewrite(seg)
         out: list[bytes] = []
-        while self.pending and self.pending[0].end <= upto:
-            e = self.pending.popleft()
-            if self.rewrite and e.end > self.sent:
-                out.append(self._text_chunk(self.sent, e.end))
+        while seg.pending and seg.pending[0].end <= upto:
+            e = seg.pending.popleft()
+            if seg.rewrite and e.end > seg.sent:
+                out.append(self._text_chunk(seg, seg.sent, e.end))
             out.append(e.raw)
-            self.sent = max(self.sent, e.end)
-        if self.rewrite and upto > self.sent:
-            out.append(self._text_chunk(self.sent, upto))
-            self.sent = upto
+            seg.sent = max(seg.sent, e.end)
+        if seg.rewrite and upto > seg.sent:
+            out.append(self._text_chunk(seg, seg.sent, upto))
+            seg.sent = upto
+        return out
+
+    async def _feed(self, raw: bytes, text: str) -> list[bytes]:
+        """One chunk into the current segment: its text (or none, for a marker). Sets violation on a stop."""
+        seg = self.seg
+        if not text:
+            seg.pending.append(_Marker(raw, len(seg.guard.text) if seg.rewrite else seg.offset))
+        elif not seg.rewrite:
+            seg.offset += len(text)
+            seg.pending.append(_Entry(raw, seg.offset))
+        step = await seg.guard.feed(text)
+        if step.violation is not None:
+            self.violation = step.violation
+            return []
+        return self._release(seg, step.release_to)
+
+    async def _finish(self) -> list[bytes]:
+        """The current segment's text is complete: its last scans, then all of it and its markers."""
+        seg = self.seg
+        step = await seg.guard.finish()
+        if step.violation is not None:
+            self.violation = step.violation
+            return []
+        out = self._release(seg, step.release_to)
+        out.extend(e.raw for e in seg.pending)  # markers after the last text, in order
+        seg.pending.clear()
+        return out
+
+    async def _switch(self, kind: str) -> list[bytes]:
+        """Text of another kind begins: finish the run before (if it had text) and start a fresh guard."""
+        if self.seg.kind == kind:
+            return []
+        if not self.seg.guard.text:
+            pending = self.seg.pending
+            self.seg = self._segment(kind)
+            self.seg.pending = pending  # markers only, all at offset 0: they go out with the next release
+            return []
+        out = await self._finish()
+        if self.violation is None:
+            self.seg = self._segment(kind)
+        return out
+
+    async def _tools(self, obj: dict[str, Any], raw: bytes) -> list[bytes]:
+        """A chunk with tool calls: the text before it passes first, then each call's arguments, whole."""
+        out = await self._finish()
+        if self.violation is not None:
+            return []
+        guard = self.new_guard(True)
+        self.guards.append(guard)
+        texts = tool_call_texts(self.route, obj)
+        verdicts = [await guard.scan_whole(t) if t else None for t in texts]
+        for v in verdicts:
+            if v is not None and v.blocked:
+                self.violation = v
+                return []
+        if any(v is not None and v.sanitized for v in verdicts):
+            new = with_tool_call_texts(
+                self.route, obj, [v.text if v is not None else t for v, t in zip(verdicts, texts, strict=True)]
+            )
+            if new is None:  # the sanitized arguments no longer parse: the call cannot be sent
+                bad = next(v for v in verdicts if v is not None and v.sanitized)
+                bad.blocked = True
+                self.violation = bad
+                return []
+            raw = self._encode(new)
+            self.tools_sanitized = True
+        out.append(raw)
+        self.seg = self._segment(self.seg.kind)
+        return out
+
+    # ---- the stream --------------------------------------------------------------------------------------
+    async def _event(self, raw: bytes, obj: Any) -> list[bytes]:
+        if not isinstance(obj, dict) or "error" in obj:
+            return await self._feed(raw, "")
+        self.template = text_template(self.route, obj, self.model)
+        parts = split_parts(self.route, obj)
+        out: list[bytes] = []
+        for kind, part in parts:
+            part_raw = raw if len(parts) == 1 else self._encode(part)
+            if kind == "tools":
+                out += await self._tools(part, part_raw)
+            elif kind:
+                out += await self._switch(kind)
+                if self.violation is None:
+                    text = next(t for ch, t in chunk_parts(self.route, part) if ch == kind)
+                    out += await self._feed(part_raw, text)
+            else:
+                out += await self._feed(part_raw, "")
+            if self.violation is not None:
+                return []
         return out
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         done = False
         try:
             async for raw, obj in iter_events(self.resp, self.route):
-                text = chunk_text(self.route, obj) if obj is not None else None
-                if isinstance(obj, dict) and "error" not in obj:
-                    self.template = obj
-                if text is None:
-                    pos = len(self.guard.text) if self.rewrite else self.offset
-                    self.pending.append(_Marker(raw, pos))
-                    step = await self.guard.feed("")
-                else:
-                    if not self.rewrite:
-                        self.offset += len(text)
-                        self.pending.append(_Entry(raw, self.offset))
-                    step = await self.guard.feed(text)
-                if step.violation is not None:
-                    self.violation = step.violation
+                pieces = await self._event(raw, obj)
+                if self.violation is not None:
                     break
-                self._sync_rewrite()
-                for piece in self._release(step.release_to):
+                for piece in pieces:
                     yield piece
             if self.violation is None:
-                step = await self.guard.finish()
-                if step.violation is not None:
-                    self.violation = step.violation
-                else:
-                    self._sync_rewrite()
-                    for piece in self._release(step.release_to):
+                pieces = await self._finish()
+                if self.violation is None:
+                    for piece in pieces:
                         yield piece
-                    while self.pending:  # markers after the last text, in order
-                        yield self.pending.popleft().raw
                     if self.on_end is not None:
                         self.on_end(None)
             if self.violation is not None:
@@ -175,11 +305,6 @@ class GuardedStream:
         finally:
             # Cut short (client gone, violation, error): close the connection so Ollama stops generating.
             self.resp.release() if done else self.resp.close()
-
-
-@dataclass(slots=True)
-class _Marker(_Entry):
-    """A chunk without answer text."""
 
 
 def from_broken_stream(route: Route, template: dict[str, Any] | None, model: str) -> bytes:

@@ -31,6 +31,9 @@ class ScannerType:
     overlap: int | None = None  # pattern scanners: longest match they can make, when known
     prompt_dependent: bool = False  # output scanners whose verdict depends on the prompt too
     vault: bool = False  # needs the per-request Anonymize vault
+    # Output scanners that judge the answer as an answer (its form, or how it relates to the prompt): they
+    # do not run on a model's thinking or on tool-call arguments, which every other output scanner sees.
+    answer_only: bool = False
 
 
 def _model(mod: str, attr: str = "DEFAULT_MODEL") -> tuple[str, str]:
@@ -80,9 +83,10 @@ OUTPUT_TYPES: dict[str, ScannerType] = {
         _model(f"{_IN}.ban_topics", "MODEL_DEBERTA_BASE_V2"),
         stream="final",
         prompt_dependent=True,
+        answer_only=True,
     ),
     "Gibberish": ScannerType(f"{_OUT}.gibberish", "Gibberish", _model(f"{_IN}.gibberish")),
-    "JSON": ScannerType(f"{_OUT}.json", "JSON", stream="final"),
+    "JSON": ScannerType(f"{_OUT}.json", "JSON", stream="final", answer_only=True),
     "Language": ScannerType(f"{_OUT}.language", "Language", _model(f"{_IN}.language")),
     "LanguageSame": ScannerType(
         f"{_OUT}.language_same",
@@ -90,11 +94,16 @@ OUTPUT_TYPES: dict[str, ScannerType] = {
         _model(f"{_IN}.language"),
         stream="final",
         prompt_dependent=True,
+        answer_only=True,
     ),
     "MaliciousURLs": ScannerType(f"{_OUT}.malicious_urls", "MaliciousURLs", _model(f"{_OUT}.malicious_urls")),
-    "NoRefusal": ScannerType(f"{_OUT}.no_refusal", "NoRefusal", _model(f"{_OUT}.no_refusal")),
-    "NoRefusalLight": ScannerType(f"{_OUT}.no_refusal", "NoRefusalLight", stream="pattern"),
-    "ReadingTime": ScannerType(f"{_OUT}.reading_time", "ReadingTime", stream="final"),
+    "NoRefusal": ScannerType(
+        f"{_OUT}.no_refusal", "NoRefusal", _model(f"{_OUT}.no_refusal"), answer_only=True
+    ),
+    "NoRefusalLight": ScannerType(
+        f"{_OUT}.no_refusal", "NoRefusalLight", stream="pattern", answer_only=True
+    ),
+    "ReadingTime": ScannerType(f"{_OUT}.reading_time", "ReadingTime", stream="final", answer_only=True),
     "Regex": ScannerType(f"{_OUT}.regex", "Regex", stream="pattern"),
     "Relevance": ScannerType(
         f"{_OUT}.relevance",
@@ -102,6 +111,7 @@ OUTPUT_TYPES: dict[str, ScannerType] = {
         _model(f"{_OUT}.relevance", "MODEL_EN_BGE_BASE"),
         stream="final",
         prompt_dependent=True,
+        answer_only=True,
     ),
     "Sentiment": ScannerType(f"{_OUT}.sentiment", "Sentiment", stream="final"),
     "Toxicity": ScannerType(f"{_OUT}.toxicity", "Toxicity", _model(f"{_IN}.toxicity")),

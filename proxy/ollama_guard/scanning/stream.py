@@ -44,13 +44,18 @@ class Step:
 
 
 class StreamGuard:
-    """Decides how much of the streamed text may be released. Dialect-agnostic; one per stream."""
+    """Decides how much of the streamed text may be released. Dialect-agnostic; one per run of one kind of
+    text in a stream (the answer, or the model's thinking). A ``side`` guard watches text that is not the
+    answer itself (thinking, tool-call arguments): every output scanner but the answer-only ones."""
 
-    def __init__(self, engine: ScanEngine, settings: Settings, prompt: str = "", vault: Any = None):
+    def __init__(
+        self, engine: ScanEngine, settings: Settings, prompt: str = "", vault: Any = None, side: bool = False
+    ):
         self.engine = engine
         self.prompt = prompt
         self.vault = vault
-        active = engine.policy.active("output")
+        active = side_scanners(engine) if side else engine.policy.active("output")
+        self.scanners = active
         self.pattern = [s for s in active if s.stream_mode == "pattern"]
         self.sentence = [s for s in active if s.stream_mode == "sentence"]
         self.final = [s for s in active if s.stream_mode in ("final", "buffer")]
@@ -66,6 +71,13 @@ class StreamGuard:
         self.replacements = 0
         self.scanned_chars = 0  # total characters handed to scanners: the work, for tests and stats
         self.results: list[ScanResult] = []
+
+    async def scan_whole(self, text: str) -> Verdict:
+        """Every scanner of this guard on one complete text (a tool call's arguments), outside the stream."""
+        self.scanned_chars += len(text) * len(self.scanners)
+        verdict = await self.engine.scan_window(self.scanners, text, self.prompt, self.vault)
+        self.results.extend(verdict.results)
+        return verdict
 
     @property
     def active(self) -> bool:
@@ -197,3 +209,8 @@ class StreamGuard:
             self.s_scanned += delta
         elif self.s_scanned > start:
             self.s_scanned = start + len(new)
+
+
+def side_scanners(engine: ScanEngine) -> list[GuardScanner]:
+    """The output scanners that also watch a model's thinking and its tool-call arguments."""
+    return [s for s in engine.policy.active("output") if not s.stype.answer_only]

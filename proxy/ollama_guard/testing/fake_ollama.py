@@ -4,6 +4,9 @@ Used by the tests, the benchmarks and the in-cluster e2e. The answer is scripted
 - ``REPLY: <text>``: answer exactly <text> (``\\n`` escapes allowed);
 - ``REPEAT <n>: <text>``: answer <text> repeated n times;
 - anything else: a fixed harmless answer.
+A text may also script thinking and tool calls, in parts separated by `` || ``: ``THINK: <thoughts> ||
+REPLY: <answer> || TOOL: <name> <JSON object of arguments>``. Thinking streams first (native ``thinking``,
+OpenAI-compatible ``reasoning``), then the answer, then one chunk with the tool calls, as Ollama sends them.
 Options ``fake_chunk_chars`` (default 4) sets the stream chunk size; ``fake_delay_ms`` a delay per chunk.
 Every request is recorded (``requests``) so tests can check what reached Ollama.
 
@@ -54,6 +57,41 @@ def script_answer(text: str) -> str:
         n = int(head.split()[1])
         return body.strip().replace("\\n", "\n") * n
     return DEFAULT_ANSWER
+
+
+class Script:
+    """What the fake model answers: thoughts, the answer text, and tool calls as (name, arguments)."""
+
+    def __init__(self, text: str) -> None:
+        self.thinking = ""
+        self.answer = ""
+        self.tools: list[tuple[str, dict[str, Any]]] = []
+        if "||" not in text and not text.strip().startswith(("THINK:", "TOOL:")):
+            self.answer = script_answer(text)
+            return
+        for part in text.split("||"):
+            part = part.strip()
+            if part.startswith("THINK:"):
+                self.thinking += part[6:].strip().replace("\\n", "\n")
+            elif part.startswith("TOOL:"):
+                name, _, args = part[5:].strip().partition(" ")
+                self.tools.append((name, orjson.loads(args or "{}")))
+            else:
+                self.answer += script_answer(part)
+
+    def native_calls(self) -> list[dict[str, Any]]:
+        return [{"function": {"name": n, "arguments": a}} for n, a in self.tools]
+
+    def openai_calls(self, stream: bool) -> list[dict[str, Any]]:
+        return [
+            {
+                **({"index": i} if stream else {}),
+                "id": f"call_{i}",
+                "type": "function",
+                "function": {"name": n, "arguments": orjson.dumps(a).decode()},
+            }
+            for i, (n, a) in enumerate(self.tools)
+        ]
 
 
 def chunks(text: str, size: int) -> list[str]:
@@ -148,7 +186,8 @@ class FakeOllama:
         if (err := self._model_check(body)) is not None:
             return err
         users = [m.get("content", "") for m in body.get("messages", []) if m.get("role") == "user"]
-        answer = script_answer(users[-1] if users else "")
+        sc = Script(users[-1] if users else "")
+        answer = sc.answer
         opts = body.get("options") or {}
         base = {"model": body["model"]}
         final_stats = {
@@ -163,27 +202,25 @@ class FakeOllama:
         if not body.get("stream", True):
             if opts.get("fake_delay_ms"):
                 await asyncio.sleep(float(opts["fake_delay_ms"]) / 1000)
+            message: dict[str, Any] = {"role": "assistant", "content": answer}
+            if sc.thinking:
+                message["thinking"] = sc.thinking
+            if sc.tools:
+                message["tool_calls"] = sc.native_calls()
             return web.Response(
                 body=orjson.dumps(
-                    {
-                        **base,
-                        "created_at": _created_at(),
-                        "message": {"role": "assistant", "content": answer},
-                        "done": True,
-                        **final_stats,
-                    }
+                    {**base, "created_at": _created_at(), "message": message, "done": True, **final_stats}
                 ),
                 content_type="application/json",
             )
-        parts = [
-            {
-                **base,
-                "created_at": _created_at(),
-                "message": {"role": "assistant", "content": c},
-                "done": False,
-            }
-            for c in chunks(answer, int(opts.get("fake_chunk_chars", 4)))
+        size = int(opts.get("fake_chunk_chars", 4))
+        messages: list[dict[str, Any]] = [
+            {"role": "assistant", "content": "", "thinking": c} for c in chunks(sc.thinking, size) if c
         ]
+        messages += [{"role": "assistant", "content": c} for c in chunks(answer, size) if c or not messages]
+        if sc.tools:
+            messages.append({"role": "assistant", "content": "", "tool_calls": sc.native_calls()})
+        parts = [{**base, "created_at": _created_at(), "message": m, "done": False} for m in messages]
         parts.append(
             {
                 **base,
@@ -199,20 +236,29 @@ class FakeOllama:
         body = await self._body(request)
         if (err := self._model_check(body)) is not None:
             return err
-        answer = script_answer(body.get("prompt", ""))
+        sc = Script(body.get("prompt", ""))
+        answer = sc.answer
         opts = body.get("options") or {}
         base = {"model": body["model"]}
         final = {"done_reason": "stop", "context": [1, 2, 3], "total_duration": 1234567, "eval_count": 5}
+        thought = {"thinking": sc.thinking} if sc.thinking else {}
         if not body.get("stream", True):
             return web.Response(
                 body=orjson.dumps(
-                    {**base, "created_at": _created_at(), "response": answer, "done": True, **final}
+                    {**base, "created_at": _created_at(), "response": answer, **thought, "done": True, **final}
                 ),
                 content_type="application/json",
             )
+        size = int(opts.get("fake_chunk_chars", 4))
         parts = [
+            {**base, "created_at": _created_at(), "response": "", "thinking": c, "done": False}
+            for c in chunks(sc.thinking, size)
+            if c
+        ]
+        parts += [
             {**base, "created_at": _created_at(), "response": c, "done": False}
-            for c in chunks(answer, int(opts.get("fake_chunk_chars", 4)))
+            for c in chunks(answer, size)
+            if c or not parts
         ]
         parts.append({**base, "created_at": _created_at(), "response": "", "done": True, **final})
         return await self._ndjson(request, parts, float(opts.get("fake_delay_ms", 0)))
@@ -261,7 +307,8 @@ class FakeOllama:
             users.append(
                 c if isinstance(c, str) else " ".join(p.get("text", "") for p in c if p.get("type") == "text")
             )
-        answer = script_answer(users[-1] if users else "")
+        sc = Script(users[-1] if users else "")
+        answer = sc.answer
         now = int(time.time())
         base = {
             "id": "chatcmpl-123",
@@ -269,41 +316,46 @@ class FakeOllama:
             "model": body["model"],
             "system_fingerprint": "fp_ollama",
         }
+        finish = "tool_calls" if sc.tools else "stop"
         if not body.get("stream"):
+            message: dict[str, Any] = {"role": "assistant", "content": answer}
+            if sc.thinking:
+                message["reasoning"] = sc.thinking
+            if sc.tools:
+                message["tool_calls"] = sc.openai_calls(stream=False)
             return web.Response(
                 body=orjson.dumps(
                     {
                         **base,
                         "object": "chat.completion",
-                        "choices": [
-                            {
-                                "index": 0,
-                                "message": {"role": "assistant", "content": answer},
-                                "finish_reason": "stop",
-                            }
-                        ],
+                        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
                         "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
                     }
                 ),
                 content_type="application/json",
             )
         opts = body.get("fake") or {}
+        size = int(opts.get("chunk_chars", 4))
+        deltas: list[dict[str, Any]] = [
+            {"role": "assistant", "content": "", "reasoning": c} for c in chunks(sc.thinking, size) if c
+        ]
+        deltas += [{"role": "assistant", "content": c} for c in chunks(answer, size) if c or not deltas]
+        if sc.tools:
+            deltas.append({"role": "assistant", "content": "", "tool_calls": sc.openai_calls(stream=True)})
         events = [
             {
                 **base,
                 "object": "chat.completion.chunk",
-                "choices": [
-                    {"index": 0, "delta": {"role": "assistant", "content": c}, "finish_reason": None}
-                ],
+                "choices": [{"index": 0, "delta": d, "finish_reason": None}],
             }
-            for c in chunks(answer, int(opts.get("chunk_chars", 4)))
+            for d in deltas
         ]
         events.append(
             {
                 **base,
                 "object": "chat.completion.chunk",
                 "choices": [
-                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": "stop"}
+                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": finish}
                 ],
             }
         )

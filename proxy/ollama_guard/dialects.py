@@ -197,13 +197,18 @@ def with_text(route: Route, obj: dict[str, Any], text: str, channel: str = CONTE
     return out
 
 
-def split_parts(route: Route, obj: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """A chunk carrying more than one kind of text (thinking and content, or text and tool calls) as one
-    chunk per kind, in order: ("thinking" | "content" | "tools", chunk). A chunk with one kind or none is
-    returned whole (kind "" for none). Only the last part keeps the end-of-stream fields."""
-    kinds = [ch for ch, _ in chunk_parts(route, obj)] + (["tools"] if tool_calls(route, obj) else [])
-    if len(kinds) <= 1:
-        return [(kinds[0] if kinds else "", obj)]
+def split_parts(route: Route, obj: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """A chunk as (kind, text, chunk) parts, one per kind of text it carries, in order: "thinking" and
+    "content" with their text, "tools" (text ""). A chunk with one kind or none is returned whole (kind ""
+    for none); one with several is split, and only the last part keeps the end-of-stream fields."""
+    texts = chunk_parts(route, obj)
+    has_tools = bool(tool_calls(route, obj))
+    if len(texts) + has_tools <= 1:
+        if texts:
+            return [(texts[0][0], texts[0][1], obj)]
+        return [("tools" if has_tools else "", "", obj)]
+    kinds = [ch for ch, _ in texts] + (["tools"] if has_tools else [])
+    by_kind = dict(texts)
     parts = []
     for i, kind in enumerate(kinds):
         part = _copy_path(route, obj)
@@ -218,7 +223,7 @@ def split_parts(route: Route, obj: dict[str, Any]) -> list[tuple[str, dict[str, 
                 holder[_key(route, holder, other)] = ""
         if i < len(kinds) - 1:
             _not_last(route, part)
-        parts.append((kind, part))
+        parts.append((kind, by_kind.get(kind, ""), part))
     return parts
 
 

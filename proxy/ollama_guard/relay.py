@@ -23,7 +23,6 @@ from .dialects import (
     CONTENT,
     OLLAMA,
     Route,
-    chunk_parts,
     encode_ndjson,
     encode_sse,
     split_parts,
@@ -118,7 +117,7 @@ class GuardedStream:
         self.on_end = on_end  # called once with the violation (or None) when the stream ends in full
         self.guards: list[StreamGuard] = []
         self.seg = self._segment(CONTENT)
-        self.template: dict[str, Any] | None = None
+        self.last: dict[str, Any] = {}  # the last upstream chunk: where rebuilt chunks take model, id, created
         self.tools_sanitized = False
         self.violation: Verdict | None = None
 
@@ -145,7 +144,7 @@ class GuardedStream:
         return encode_ndjson(obj) if self.route.dialect == OLLAMA else encode_sse(obj)
 
     def _text_chunk(self, seg: _Segment, start: int, end: int) -> bytes:
-        tmpl = self.template or text_template(self.route, {}, self.model)
+        tmpl = text_template(self.route, self.last, self.model)
         return self._encode(with_text(self.route, tmpl, seg.guard.text[start:end], seg.kind))
 
     def _sync_rewrite(self, seg: _Segment) -> None:
@@ -251,17 +250,16 @@ class GuardedStream:
     async def _event(self, raw: bytes, obj: Any) -> list[bytes]:
         if not isinstance(obj, dict) or "error" in obj:
             return await self._feed(raw, "")
-        self.template = text_template(self.route, obj, self.model)
+        self.last = obj
         parts = split_parts(self.route, obj)
         out: list[bytes] = []
-        for kind, part in parts:
+        for kind, text, part in parts:
             part_raw = raw if len(parts) == 1 else self._encode(part)
             if kind == "tools":
                 out += await self._tools(part, part_raw)
             elif kind:
                 out += await self._switch(kind)
                 if self.violation is None:
-                    text = next(t for ch, t in chunk_parts(self.route, part) if ch == kind)
                     out += await self._feed(part_raw, text)
             else:
                 out += await self._feed(part_raw, "")
@@ -291,7 +289,7 @@ class GuardedStream:
                     self.on_end(self.violation)
                 for piece in stopped_stream_tail(
                     self.route,
-                    self.template,
+                    self.last,
                     self.model,
                     self.violation.blocked_by or self.violation.fired,
                     self.blocked_message,
@@ -301,7 +299,7 @@ class GuardedStream:
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             log.warning("upstream stream broke: %s", type(exc).__name__)
             self.resp.close()
-            yield from_broken_stream(self.route, self.template, self.model)
+            yield from_broken_stream(self.route, self.last, self.model)
         finally:
             # Cut short (client gone, violation, error): close the connection so Ollama stops generating.
             self.resp.release() if done else self.resp.close()

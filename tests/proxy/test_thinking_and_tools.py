@@ -222,10 +222,10 @@ def test_a_chunk_with_thinking_content_and_the_end_splits_in_order():
         "eval_count": 3,
     }
     parts = split_parts(route, chunk)
-    assert [k for k, _ in parts] == ["thinking", "content", "tools"]
-    assert [p["done"] for _, p in parts] == [False, False, True]
-    assert parts[0][1]["message"] == {"role": "assistant", "thinking": "t", "content": ""}
-    assert parts[1][1]["message"] == {"role": "assistant", "thinking": "", "content": "c"}
-    assert parts[2][1] == {**chunk, "message": {**chunk["message"], "thinking": "", "content": ""}}
-    assert "done_reason" not in parts[0][1] and "eval_count" not in parts[1][1]
+    assert [(k, t) for k, t, _ in parts] == [("thinking", "t"), ("content", "c"), ("tools", "")]
+    assert [p["done"] for _, _, p in parts] == [False, False, True]
+    assert parts[0][2]["message"] == {"role": "assistant", "thinking": "t", "content": ""}
+    assert parts[1][2]["message"] == {"role": "assistant", "thinking": "", "content": "c"}
+    assert parts[2][2] == {**chunk, "message": {**chunk["message"], "thinking": "", "content": ""}}
+    assert "done_reason" not in parts[0][2] and "eval_count" not in parts[1][2]
     assert chunk["message"]["thinking"] == "t"  # the original is left as it was

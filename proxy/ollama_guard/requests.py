@@ -77,6 +77,7 @@ class Validator:
             self.scan_roles |= {"system", "developer"}
         if settings.scan_tool_messages:
             self.scan_roles.add("tool")
+        self.allow_context = settings.allow_generate_context
 
     def _text(self, value: Any, what: str) -> str:
         _expect(isinstance(value, str), f"{what} must be a string")
@@ -135,14 +136,25 @@ class Validator:
                 )
 
     def _ollama_generate(self, req: GuardedRequest) -> None:
-        for key, role in (("system", "system"), ("prompt", "user"), ("suffix", "user")):
+        # A caller's own prompt template is text the model reads like the prompt: scanned as such.
+        for key, role in (("system", "system"), ("template", "user"), ("prompt", "user"), ("suffix", "user")):
             value = req.body.get(key)
             if value is None:
                 continue
             self._text(value, key)
             if role in self.scan_roles and value:
                 req.targets.append(Target(req.body, key, role))
-        # A caller-supplied template or raw mode still only carries the texts above; images pass.
+        context = req.body.get("context")
+        if context is not None:
+            _expect(
+                isinstance(context, list) and all(type(x) is int for x in context),
+                "context must be a list of token ids",
+            )
+            _expect(
+                not context or self.allow_context,
+                "context token arrays cannot be scanned, so they are refused: "
+                "send the conversation as messages to /api/chat",
+            )
         images = req.body.get("images")
         if images is not None:
             _expect(
@@ -160,7 +172,13 @@ class Validator:
             req.targets.append(Target(req.body, "prompt", "user"))
 
     # ---- OpenAI ----------------------------------------------------------------------------------------
+    def _openai_choices(self, req: GuardedRequest) -> None:
+        # Every choice would need scanning; Ollama returns one, and so does the guard.
+        n = req.body.get("n")
+        _expect(n is None or (type(n) is int and n == 1), "only n = 1 is supported")
+
     def _openai_chat(self, req: GuardedRequest) -> None:
+        self._openai_choices(req)
         for i, m, role in self._messages(req, required=True):
             content = m.get("content")
             if content is None:
@@ -188,6 +206,7 @@ class Validator:
                     raise BadRequest(f"messages[{i}].content[{j}].type {part['type']!r} is not supported")
 
     def _openai_completion(self, req: GuardedRequest) -> None:
+        self._openai_choices(req)
         self._inputs(req, "prompt", allow_tokens=False)
         if req.body.get("suffix") is not None:
             self._text(req.body["suffix"], "suffix")

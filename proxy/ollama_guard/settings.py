@@ -233,6 +233,9 @@ class Settings(_Section):
     """Also scan system (and OpenAI developer) messages."""
     scan_tool_messages: bool = False
     """Also scan tool results."""
+    allow_generate_context: bool = False
+    """Accept `context` token arrays on /api/generate. The guard cannot read tokens, so by default they are
+    refused with a 400 pointing to /api/chat; allowing them lets a client send text the guard never saw."""
     short_circuit: bool = False
     """Skip model scanners once a pattern scanner already blocked (saves time, loses scores)."""
 

@@ -78,6 +78,41 @@ def test_openai_token_array_input_is_refused_not_passed_unscanned(proxy, upstrea
     assert len(upstream.requests) == before
 
 
+def test_generate_context_tokens_are_refused_unless_allowed(start_proxy, upstream):
+    body = {"model": "m", "stream": False, "prompt": "REPLY: hello", "context": [1, 2, 3]}
+    before = len(upstream.requests)
+    r = httpx.post(start_proxy(**pure()).url + "/api/generate", json=body)
+    assert r.status_code == 400 and "/api/chat" in r.json()["error"]
+    assert len(upstream.requests) == before
+    bad = httpx.post(start_proxy(**pure()).url + "/api/generate", json={**body, "context": ["x"]})
+    assert bad.status_code == 400 and "token ids" in bad.json()["error"]
+    allowed = start_proxy(**pure(allow_generate_context=True))
+    r = httpx.post(allowed.url + "/api/generate", json=body)
+    assert r.status_code == 200 and upstream.requests[-1]["body"]["context"] == [1, 2, 3]
+
+
+def test_generate_template_is_scanned_like_the_prompt(proxy, upstream):
+    from .policies import BANNED_IN
+
+    before = len(upstream.requests)
+    body = {"model": "m", "stream": False, "prompt": "hi", "template": f"{BANNED_IN} {{{{ .Prompt }}}}"}
+    r = httpx.post(proxy.url + "/api/generate", json=body)
+    assert r.status_code == 403 and "BanSubstrings" in r.json()["error"]
+    assert len(upstream.requests) == before
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/completions", {"prompt": "hi"}),
+])
+def test_openai_more_than_one_choice_is_refused(proxy, upstream, path, body):
+    before = len(upstream.requests)
+    r = httpx.post(proxy.url + path, json={"model": "m", "n": 2, **body})
+    assert r.status_code == 400 and "n = 1" in r.json()["error"]["message"]
+    assert len(upstream.requests) == before
+    assert httpx.post(proxy.url + path, json={"model": "m", "n": 1, **body}).status_code == 200
+
+
 def test_oversize_chunked_body_is_cut_off_before_read_whole(proxy, upstream):
     """No Content-Length: the cap still holds while the body streams in."""
 

@@ -231,8 +231,8 @@ class Settings(_Section):
     """The answer text when `blocked_response: message`."""
     scan_system_messages: bool = False
     """Also scan system (and OpenAI developer) messages."""
-    scan_tool_messages: bool = False
-    """Also scan tool results."""
+    scan_tool_messages: bool = True
+    """Also scan tool results (role `tool`): the text a tool fetched is where indirect prompt injection hides."""
     allow_generate_context: bool = False
     """Accept `context` token arrays on /api/generate. The guard cannot read tokens, so by default they are
     refused with a 400 pointing to /api/chat; allowing them lets a client send text the guard never saw."""

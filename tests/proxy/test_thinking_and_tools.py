@@ -110,14 +110,19 @@ def test_banned_word_in_thinking_never_reaches_the_client(proxy, upstream, path,
     assert_stopped(r, path, stream)
 
 
+def ask_with_secret(proxy, upstream, path: str, script: str, stream: bool) -> tuple[httpx.Response, dict]:
+    """Send a script whose answer holds the AWS key: the model says it, the client must not see it."""
+    r = httpx.post(proxy.url + path, json=body_for(path, script, stream))
+    assert r.status_code == 200 and AWS.encode() not in r.content
+    assert AWS in str(upstream.requests[-1]["body"])  # the model did get it, and did say it
+    return r, received(path, r.content, stream)
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 @pytest.mark.parametrize("path", ROUTES_WITH_THINKING)
 def test_secret_in_thinking_is_redacted_in_the_thinking(proxy, upstream, path, stream):
     script = f"THINK: The key they gave me is {AWS} and I should not repeat it. || REPLY: I cannot share keys."
-    r = httpx.post(proxy.url + path, json=body_for(path, script, stream))
-    assert r.status_code == 200 and AWS.encode() not in r.content
-    assert AWS in str(upstream.requests[-1]["body"])  # the model did get it, and did say it
-    got = received(path, r.content, stream)
+    r, got = ask_with_secret(proxy, upstream, path, script, stream)
     assert got["thinking"].startswith("The key they gave me is ") and "******" in got["thinking"]
     assert got["thinking"].endswith("and I should not repeat it.")
     assert got["content"] == "I cannot share keys."
@@ -141,10 +146,7 @@ def test_banned_word_in_tool_arguments_never_reaches_the_client(proxy, path, str
 @pytest.mark.parametrize("path", ROUTES_WITH_TOOLS)
 def test_secret_in_tool_arguments_is_redacted_and_arguments_stay_json(proxy, upstream, path, stream):
     script = f'REPLY: Deploying. || TOOL: deploy {{"region": "eu", "aws_key": "{AWS}", "count": 2}}'
-    r = httpx.post(proxy.url + path, json=body_for(path, script, stream))
-    assert r.status_code == 200 and AWS.encode() not in r.content
-    assert AWS in str(upstream.requests[-1]["body"])
-    got = received(path, r.content, stream)
+    _, got = ask_with_secret(proxy, upstream, path, script, stream)
     ((name, args),) = got["tools"]  # arguments parsed back: still valid JSON, still an object
     assert name == "deploy" and args["region"] == "eu" and args["count"] == 2
     assert args["aws_key"] != AWS and "******" in args["aws_key"]

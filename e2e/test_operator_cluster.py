@@ -8,11 +8,10 @@ controllers but no nodes passes too. The CRDs are applied from operator/ollama_g
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import pathlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -22,6 +21,8 @@ kubernetes = pytest.importorskip("kubernetes")
 kopf = pytest.importorskip("kopf")
 
 pytestmark = pytest.mark.cluster
+
+from ollama_guard_operator.inprocess import running_operator  # noqa: E402
 
 CRDS = pathlib.Path(__file__).resolve().parents[1] / "operator" / "ollama_guard_operator" / "crds"
 DEADLINE = 60.0
@@ -79,31 +80,6 @@ def _can_run_pods(cfg: Any) -> bool:
     return any(not n.spec.unschedulable for n in nodes)
 
 
-@contextlib.asynccontextmanager
-async def operator(cfg: Any, namespace: str) -> AsyncIterator[None]:
-    from ollama_guard_operator import handlers
-
-    handlers.use_configuration(cfg)
-    stop, ready = asyncio.Event(), asyncio.Event()
-    tasks = await kopf.spawn_tasks(
-        registry=kopf.get_default_registry(),
-        namespaces=[namespace],
-        standalone=True,
-        stop_flag=stop,
-        ready_flag=ready,
-        memo=kopf.Memo(),
-    )
-    runner = asyncio.create_task(kopf.run_tasks(tasks, ignored=set()))
-    try:
-        await asyncio.wait_for(ready.wait(), DEADLINE)
-        yield
-    finally:
-        stop.set()
-        with contextlib.suppress(BaseException):
-            await asyncio.wait_for(runner, 20)
-        handlers.use_configuration(None)
-
-
 async def eventually(check: Callable[[], Any], what: str, within: float = DEADLINE) -> Any:
     loop = asyncio.get_running_loop()
     end = loop.time() + within
@@ -130,7 +106,7 @@ async def test_guardproxy_children_and_status(cluster: Any, namespace: str) -> N
         "metadata": {"name": "guard", "namespace": namespace},
         "spec": {"upstream": {"url": "http://ollama.example:11434"}},
     }
-    async with operator(cluster, namespace):
+    async with running_operator(cluster, [namespace], DEADLINE):
         await asyncio.to_thread(
             custom.create_namespaced_custom_object,
             "ollama-guard.io",

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp.web
-import kopf
 import kubernetes
 import pytest
 
@@ -20,7 +19,7 @@ os.environ.setdefault("OLLAMA_GUARD_OPERATOR_PROBE_SECONDS", "0.2")
 os.environ.setdefault("OLLAMA_GUARD_OPERATOR_DRIFT_SECONDS", "0.5")
 
 from kubemock import ApiServer, declare  # noqa: E402
-from ollama_guard_operator import handlers  # noqa: E402
+from ollama_guard_operator import inprocess  # noqa: E402
 
 pytestmark = pytest.mark.kmock(cls=ApiServer)
 
@@ -75,30 +74,11 @@ def condition(kmock: ApiServer, type_: str, name: str = "guard") -> dict[str, An
     return None
 
 
-@contextlib.asynccontextmanager
-async def running_operator(kmock: ApiServer) -> AsyncIterator[None]:
+def running_operator(kmock: ApiServer) -> contextlib.AbstractAsyncContextManager[None]:
     cfg = kubernetes.client.Configuration()
     cfg.host = str(kmock.url).rstrip("/")
-    handlers.use_configuration(cfg)
-    stop, ready = asyncio.Event(), asyncio.Event()
-    tasks = await kopf.spawn_tasks(
-        registry=kopf.get_default_registry(),
-        clusterwide=True,
-        standalone=True,
-        stop_flag=stop,
-        ready_flag=ready,
-        memo=kopf.Memo(),
-    )
-    runner = asyncio.create_task(kopf.run_tasks(tasks, ignored=set()))
-    try:
-        await asyncio.wait_for(ready.wait(), DEADLINE)
-        yield
-    finally:
-        stop.set()
-        runner.cancel()  # no graceful wait for timers: the mock server goes away with the test
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(runner, DEADLINE)
-        handlers.use_configuration(None)
+    # No graceful wait for timers: the mock server goes away with the test.
+    return inprocess.running_operator(cfg, ready_within=DEADLINE, graceful=False)
 
 
 async def create(kmock: ApiServer, resource: str, name: str, spec: dict[str, Any]) -> None:

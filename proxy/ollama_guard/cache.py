@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-from .redis_state import RedisState
+from .redis_state import RedisBacked, RedisState
 from .settings import CacheConfig, RedisConfig
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class RedisCache:
         await self.client.aclose()
 
 
-class VerdictCache:
+class VerdictCache(RedisBacked):
     """The cache the engine talks to: picks the backend, falls back, counts."""
 
     def __init__(self, cfg: CacheConfig, redis_cfg: RedisConfig, metrics: Any = None):
@@ -120,14 +120,6 @@ class VerdictCache:
         self.hits = 0
         self.misses = 0
         self._report_backend()
-
-    @property
-    def backend(self) -> str:
-        return self.state.backend if self.redis is not None else "memory"
-
-    @property
-    def redis_errors(self) -> int:
-        return self.state.errors
 
     @property
     def fallbacks(self) -> int:

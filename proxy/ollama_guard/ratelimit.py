@@ -14,7 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from .redis_state import RedisState
+from .redis_state import RedisBacked, RedisState
 from .settings import RateLimitConfig, RedisConfig
 
 _LUA = """
@@ -117,7 +117,7 @@ class LocalBuckets:
         return decide(limits, allowed, a, b)
 
 
-class RateLimiter:
+class RateLimiter(RedisBacked):
     def __init__(self, cfg: RateLimitConfig, redis_cfg: RedisConfig, use_redis: bool, metrics: Any = None):
         self.cfg = cfg
         self.default = Limits(cfg.per_minute, cfg.per_hour, cfg.burst)
@@ -138,14 +138,6 @@ class RateLimiter:
                 socket_timeout=redis_cfg.socket_timeout,
             )
             self._script = self.redis.register_script(_LUA)
-
-    @property
-    def backend(self) -> str:
-        return self.state.backend if self.redis is not None else "memory"
-
-    @property
-    def redis_errors(self) -> int:
-        return self.state.errors
 
     def limits_for(self, key_cfg: Any) -> Limits:
         if key_cfg is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -41,3 +42,18 @@ class RedisState:
         if not self.up:
             self.up = True
             log.warning("redis reachable again; %s back on redis", self.purpose)
+
+
+class RedisBacked:
+    """A component with an optional Redis client and its RedisState: the cache and the rate limiter."""
+
+    redis: Any
+    state: RedisState
+
+    @property
+    def backend(self) -> str:
+        return self.state.backend if self.redis is not None else "memory"
+
+    @property
+    def redis_errors(self) -> int:
+        return self.state.errors

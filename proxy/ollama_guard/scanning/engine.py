@@ -1,8 +1,7 @@
 """The scan engine: runs a policy's scanners on texts, off the event loop, with a verdict cache.
 
 Per text: pattern (pure-Python) scanners and every sanitizer run as one job on a shared, bounded thread pool
-(they hold the GIL, so splitting them buys nothing), or on the event loop itself when the text is short and
-every one of them is cheap and linear (`inline`); each model scanner runs as its own job, concurrently
+(they hold the GIL, so splitting them buys nothing); each model scanner runs as its own job, concurrently
 (torch releases the GIL). Detectors see the original text; sanitizers run in config order, each on the
 output of the last. Verdicts are cached per text under the policy's fingerprint.
 """
@@ -23,10 +22,6 @@ from ..settings import Settings
 from .policy import GuardScanner, Policy, os_cpu_count
 
 log = logging.getLogger(__name__)
-
-# Texts up to this long are scanned on the event loop when every scanner is an `inline` one (~3 ms at worst:
-# Secrets on 512 characters dense with key-like strings).
-INLINE_MAX_CHARS = 512
 
 
 @dataclass(slots=True)
@@ -216,11 +211,6 @@ class ScanEngine:
         loop = asyncio.get_running_loop()
         async with self._slots:
             jobs = []
-            if not models and len(text) <= INLINE_MAX_CHARS and all(s.stype.inline for s in pattern + sanitizers):
-                # Cheap pure scanners on a short text (a stream window, a short prompt): they would hold the
-                # GIL on a pool thread just the same, so run them here and skip two thread hand-offs.
-                out = _run_sequential(pattern, sanitizers, text, prompt, vault, self.settings.short_circuit)
-                return self._combine(text, [out])
             if pattern or sanitizers:
                 timeout = sum(s.cfg.timeout for s in pattern + sanitizers)
                 jobs.append(

@@ -34,9 +34,6 @@ class ScannerType:
     # Output scanners that judge the answer as an answer (its form, or how it relates to the prompt): they
     # do not run on a model's thinking or on tool-call arguments, which every other output scanner sees.
     answer_only: bool = False
-    # Pure scanners whose cost is small and linear in the text (no user regexes, no NLP pipeline): on a short
-    # text they run on the event loop instead of a pool thread, which saves two thread hand-offs.
-    inline: bool = False
 
 
 def _model(mod: str, attr: str = "DEFAULT_MODEL") -> tuple[str, str]:
@@ -49,24 +46,22 @@ INPUT_TYPES: dict[str, ScannerType] = {
     "BanCompetitors": ScannerType(
         f"{_IN}.ban_competitors", "BanCompetitors", _model(f"{_IN}.ban_competitors", "MODEL_V1")
     ),
-    "BanSubstrings": ScannerType(f"{_IN}.ban_substrings", "BanSubstrings", stream="pattern", inline=True),
+    "BanSubstrings": ScannerType(f"{_IN}.ban_substrings", "BanSubstrings", stream="pattern"),
     "BanTopics": ScannerType(
         f"{_IN}.ban_topics", "BanTopics", _model(f"{_IN}.ban_topics", "MODEL_DEBERTA_BASE_V2")
     ),
     "Code": ScannerType(f"{_IN}.code", "Code", _model(f"{_IN}.code")),
     "Gibberish": ScannerType(f"{_IN}.gibberish", "Gibberish", _model(f"{_IN}.gibberish")),
-    "InvisibleText": ScannerType(
-        f"{_IN}.invisible_text", "InvisibleText", stream="pattern", overlap=1, inline=True
-    ),
+    "InvisibleText": ScannerType(f"{_IN}.invisible_text", "InvisibleText", stream="pattern", overlap=1),
     "Language": ScannerType(f"{_IN}.language", "Language", _model(f"{_IN}.language")),
     "PromptInjection": ScannerType(
         f"{_IN}.prompt_injection", "PromptInjection", _model(f"{_IN}.prompt_injection", "V2_MODEL")
     ),
     "Regex": ScannerType(f"{_IN}.regex", "Regex", stream="pattern"),
     # Our subclass: llm-guard's own redaction leaves secrets behind when a text holds several.
-    "Secrets": ScannerType("ollama_guard.scanning.secrets", "Secrets", stream="pattern", inline=True),
+    "Secrets": ScannerType("ollama_guard.scanning.secrets", "Secrets", stream="pattern"),
     "Sentiment": ScannerType(f"{_IN}.sentiment", "Sentiment", stream="final"),
-    "TokenLimit": ScannerType(f"{_IN}.token_limit", "TokenLimit", stream="final", inline=True),
+    "TokenLimit": ScannerType(f"{_IN}.token_limit", "TokenLimit", stream="final"),
     "Toxicity": ScannerType(f"{_IN}.toxicity", "Toxicity", _model(f"{_IN}.toxicity")),
 }
 
@@ -75,15 +70,13 @@ OUTPUT_TYPES: dict[str, ScannerType] = {
     "BanCompetitors": ScannerType(
         f"{_OUT}.ban_competitors", "BanCompetitors", _model(f"{_IN}.ban_competitors", "MODEL_V1")
     ),
-    "BanSubstrings": ScannerType(f"{_OUT}.ban_substrings", "BanSubstrings", stream="pattern", inline=True),
+    "BanSubstrings": ScannerType(f"{_OUT}.ban_substrings", "BanSubstrings", stream="pattern"),
     "BanTopics": ScannerType(
         f"{_OUT}.ban_topics", "BanTopics", _model(f"{_IN}.ban_topics", "MODEL_DEBERTA_BASE_V2")
     ),
     "Bias": ScannerType(f"{_OUT}.bias", "Bias", _model(f"{_OUT}.bias")),
     "Code": ScannerType(f"{_OUT}.code", "Code", _model(f"{_IN}.code")),
-    "Deanonymize": ScannerType(
-        f"{_OUT}.deanonymize", "Deanonymize", stream="pattern", vault=True, inline=True
-    ),
+    "Deanonymize": ScannerType(f"{_OUT}.deanonymize", "Deanonymize", stream="pattern", vault=True),
     "FactualConsistency": ScannerType(
         f"{_OUT}.factual_consistency",
         "FactualConsistency",

@@ -230,7 +230,7 @@ class GuardedStream:
         for v in verdicts:
             if v is not None and v.blocked:
                 self.violation = v
-                return []
+                return out  # the text before the call passed; the call does not go out
         if any(v is not None and v.sanitized for v in verdicts):
             new = with_tool_call_texts(
                 self.route, obj, [v.text if v is not None else t for v, t in zip(verdicts, texts, strict=True)]
@@ -239,7 +239,7 @@ class GuardedStream:
                 bad = next(v for v in verdicts if v is not None and v.sanitized)
                 bad.blocked = True
                 self.violation = bad
-                return []
+                return out
             raw = self._encode(new)
             self.tools_sanitized = True
         out.append(raw)
@@ -248,6 +248,7 @@ class GuardedStream:
 
     # ---- the stream --------------------------------------------------------------------------------------
     async def _event(self, raw: bytes, obj: Any) -> list[bytes]:
+        """What one upstream event releases: only text that passed, even when a violation stops the stream."""
         if not isinstance(obj, dict) or "error" in obj:
             return await self._feed(raw, "")
         self.last = obj
@@ -264,18 +265,17 @@ class GuardedStream:
             else:
                 out += await self._feed(part_raw, "")
             if self.violation is not None:
-                return []
+                break
         return out
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         done = False
         try:
             async for raw, obj in iter_events(self.resp, self.route):
-                pieces = await self._event(raw, obj)
+                for piece in await self._event(raw, obj):
+                    yield piece
                 if self.violation is not None:
                     break
-                for piece in pieces:
-                    yield piece
             if self.violation is None:
                 pieces = await self._finish()
                 if self.violation is None:

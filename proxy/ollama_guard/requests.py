@@ -120,7 +120,18 @@ class Validator:
             out.append((i, m, role))
         return out
 
+    def _tool_descriptions(self, req: GuardedRequest) -> None:
+        """Tool descriptions reach the model like a system prompt, and are scanned with system messages."""
+        if "system" not in self.scan_roles:
+            return
+        for i, tool in enumerate(req.body.get("tools") or []):
+            fn = tool.get("function") if isinstance(tool, dict) else None
+            if isinstance(fn, dict) and fn.get("description"):
+                self._text(fn["description"], f"tools[{i}].function.description")
+                req.targets.append(Target(fn, "description", "system"))
+
     def _ollama_chat(self, req: GuardedRequest) -> None:
+        self._tool_descriptions(req)
         for i, m, role in self._messages(req, required=False):
             if m.get("content") is not None:
                 self._text(m["content"], f"messages[{i}].content")
@@ -179,6 +190,7 @@ class Validator:
 
     def _openai_chat(self, req: GuardedRequest) -> None:
         self._openai_choices(req)
+        self._tool_descriptions(req)
         for i, m, role in self._messages(req, required=True):
             content = m.get("content")
             if content is None:

@@ -230,7 +230,7 @@ class Settings(_Section):
     blocked_message: str = "This request was blocked by the guard."
     """The answer text when `blocked_response: message`."""
     scan_system_messages: bool = False
-    """Also scan system (and OpenAI developer) messages."""
+    """Also scan system (and OpenAI developer) messages, and the descriptions of the tools a request offers."""
     scan_tool_messages: bool = True
     """Also scan tool results (role `tool`): the text a tool fetched is where indirect prompt injection hides."""
     allow_generate_context: bool = False

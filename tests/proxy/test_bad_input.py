@@ -201,6 +201,12 @@ def test_system_messages_are_scanned_only_when_configured(start_proxy, upstream)
     assert httpx.post(start_proxy(**pure()).url + "/api/chat", json=body).status_code == 200
     strict = start_proxy(**pure(scan_system_messages=True))
     assert httpx.post(strict.url + "/api/chat", json=body).status_code == 403
+    # Tool descriptions reach the model like a system prompt: scanned with system messages, in both dialects.
+    tool = {"type": "function", "function": {"name": "lookup", "description": f"always {BANNED_IN}"}}
+    chat = {"model": "m", "stream": False, "messages": [{"role": "user", "content": "hi"}], "tools": [tool]}
+    for path in ("/api/chat", "/v1/chat/completions"):
+        assert httpx.post(strict.url + path, json=chat).status_code == 403
+        assert httpx.post(start_proxy(**pure()).url + path, json=chat).status_code == 200
 
 
 def test_tool_results_are_scanned_unless_turned_off(start_proxy, upstream):

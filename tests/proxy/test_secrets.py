@@ -94,3 +94,88 @@ def test_a_secret_at_the_end_of_a_very_long_line_is_found(scanner):
     text = "word " * 30_000 + AWS  # a 150,000-character line: detect-secrets alone skips lines over 100,000
     out, valid, _ = scanner.scan(text)
     assert not valid and AWS not in out
+
+
+def _sample(items, rng) -> str:
+    """A random string the parsed expression is likely to match (the test keeps only those it does)."""
+    from re import _constants as sre
+
+    lookalikes = {"i": "İı", "s": "ſ", "k": "\u212a"}
+    out = []
+    for op, av in items:
+        if op is sre.LITERAL:
+            c = chr(av)
+            pick = rng.random()
+            if pick < 0.2 and c.lower() in lookalikes:
+                c = rng.choice(lookalikes[c.lower()])
+            elif pick < 0.5:
+                c = c.swapcase()
+            out.append(c)
+        elif op is sre.NOT_LITERAL:
+            out.append("a" if av != ord("a") else "b")
+        elif op is sre.ANY:
+            out.append("x")
+        elif op is sre.IN:
+            out.append(_class_char(av, rng))
+        elif op is sre.BRANCH:
+            out.append(_sample(rng.choice(av[1]), rng))
+        elif op is sre.SUBPATTERN:
+            out.append(_sample(av[3], rng))
+        elif op is sre.ATOMIC_GROUP:
+            out.append(_sample(av, rng))
+        elif op in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT):
+            low, high = av[0], min(av[1], av[0] + 3)
+            out.append("".join(_sample(av[2], rng) for _ in range(rng.randint(low, max(low, high)))))
+    return "".join(out)
+
+
+def _class_char(items, rng) -> str:
+    from re import _constants as sre
+
+    if items and items[0][0] is sre.NEGATE:
+        return rng.choice(" -_=:'\"")
+    op, av = rng.choice(items)
+    if op is sre.LITERAL:
+        return chr(av)
+    if op is sre.RANGE:
+        return chr(rng.randint(av[0], av[1]))
+    if op is sre.CATEGORY:
+        return {
+            sre.CATEGORY_DIGIT: "7", sre.CATEGORY_NOT_DIGIT: "q", sre.CATEGORY_SPACE: " ",
+            sre.CATEGORY_NOT_SPACE: "q", sre.CATEGORY_WORD: "q", sre.CATEGORY_NOT_WORD: " ",
+        }.get(av, "q")
+    return "q"
+
+
+def test_screen_prefilter_never_skips_a_line_its_expression_matches(scanner):
+    """Every screen expression, fed strings generated from its own parse tree (letters in random case and
+    re's case-insensitive look-alikes: İ ı ſ K): whenever it matches a line, its literals are in that line."""
+    import random
+    from re import _parser as sre_parse
+
+    from ollama_guard.scanning import secrets
+
+    rng = random.Random(11)
+    screen = secrets._screen
+    assert screen is not None and sum(1 for _, needles in screen if needles) > 150
+    exercised = 0
+    for pattern, needles in screen:
+        tree = sre_parse.parse(pattern.pattern, pattern.flags)
+        matched = 0
+        for _ in range(60):
+            line = rng.choice(["", "x ", "conf: "]) + _sample(tree, rng) + rng.choice(["", " ", "\"'"])
+            if pattern.search(line):
+                matched += 1
+                assert needles is None or any(n in secrets.fold(line) for n in needles), (pattern.pattern, line)
+        exercised += matched > 0
+    assert exercised > 150  # nearly every expression was really matched, not only sampled
+
+
+def test_case_insensitive_look_alikes_fold_together():
+    import re
+
+    from ollama_guard.scanning.secrets import fold
+
+    for a, b in [("İ", "i"), ("ı", "i"), ("ſ", "s"), ("\u212a", "k"), ("µ", "μ"), ("ς", "σ"), ("ϐ", "β")]:
+        assert re.fullmatch("(?i)" + re.escape(b), a)  # re treats them as equal ...
+        assert fold(a) == fold(b)  # ... and so does the prefilter's folding

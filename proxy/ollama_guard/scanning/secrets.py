@@ -17,6 +17,12 @@ directly on each line as detect-secrets splits and strips them: every plugin in 
 of those expressions found (the rest is filtering), so a text none of them matches has nothing to report, and
 skips the full scan. Lines longer than detect-secrets' `MAX_LINE_LENGTH` (which it skips silently) are cut into
 overlapping pieces, so padding a line cannot hide a secret.
+
+Running ~170 regular expressions over every line still costs ~1.2 µs per character. Almost all of them need
+some literal text to match (a keyword, a prefix such as `AKIA`), so each carries the literals one of which
+any match must contain (read off the expression's parse tree), and runs only on lines that contain one. The
+comparison is made on text folded the way `re.IGNORECASE` folds it, so a case-insensitive expression is
+never skipped for a line it would match: 612 µs -> 90 µs on 512 characters of prose.
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ import os
 import re
 import tempfile
 import threading
+from re import _casefix  # type: ignore[attr-defined]
+from re import _constants as sre  # type: ignore[attr-defined]
+from re import _parser as sre_parse  # type: ignore[attr-defined]
 
 from detect_secrets.core.scan import MAX_LINE_LENGTH, get_filters
 from detect_secrets.core.secrets_collection import SecretsCollection
@@ -54,12 +63,81 @@ BYPASS_FILTERS = (
 
 _settings_lock = threading.Lock()
 _settings_key: str | None = None
-_screen: list[re.Pattern[str]] | None = None  # None: some plugin is not regex-based, always scan fully
+# Each screen expression with the literals one of which its every match contains (folded), or None.
+_screen: list[tuple[re.Pattern[str], tuple[str, ...] | None]] | None = None  # None: always scan fully
 PIECE = min(MAX_LINE_LENGTH // 2, 20_000)
 PIECE_OVERLAP = 2_000
 
 
-def _build_screen() -> list[re.Pattern[str]] | None:
+def _fold_table() -> dict[int, str]:
+    """re's case-insensitive equivalences beyond lower() (ı~i, ſ~s, µ~μ ...): each class to one member."""
+    parent: dict[str, str] = {}
+
+    def root(c: str) -> str:
+        while parent.get(c, c) != c:
+            c = parent[c]
+        return c
+
+    for k, others in _casefix._EXTRA_CASES.items():
+        for o in others:
+            a, b = root(chr(k)), root(chr(o))
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    return {ord(c): root(c) for c in parent}
+
+
+_FOLD = _fold_table()
+
+
+def fold(text: str) -> str:
+    """Text as re.IGNORECASE compares it, one character at a time: two characters it treats as equal fold to
+    the same. (str.lower() differs from re's per-character lowercase only for U+0130, 'İ'.)"""
+    return text.replace("\u0130", "i").lower().translate(_FOLD)
+
+
+def required_literals(pattern: re.Pattern[str]) -> tuple[str, ...] | None:
+    """Folded strings one of which every match of `pattern` contains, or None where there are none (or the
+    expression cannot be read: then it simply always runs)."""
+    try:
+        found = _required(sre_parse.parse(pattern.pattern, pattern.flags))
+    except Exception:  # noqa: BLE001 - a private parser of another Python: no prefilter, never a miss
+        return None
+    return tuple(sorted({fold(x) for x in found})) if found else None
+
+
+def _required(items: sre_parse.SubPattern | list) -> set[str] | None:
+    """For a sequence of parse items: the best set of literals that every match holds one of (or None).
+    Only what a match cannot avoid counts: literal runs, groups, branches whose every side has some,
+    repeats of at least one. Lookarounds, classes and back-references count for nothing, which is safe."""
+    best: set[str] | None = None
+    run = ""
+
+    def consider(candidate: set[str] | None) -> None:
+        nonlocal best
+        if candidate and (best is None or min(map(len, candidate)) > min(map(len, best))):
+            best = candidate
+
+    for op, av in items:
+        if op is sre.LITERAL:
+            run += chr(av)
+            continue
+        consider({run} if run else None)
+        run = ""
+        if op is sre.SUBPATTERN:
+            consider(_required(av[3]))
+        elif op is sre.BRANCH:
+            sides = [_required(side) for side in av[1]]
+            if all(sides):
+                consider(set().union(*sides))  # type: ignore[arg-type]
+        elif op in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT) and av[0] >= 1:
+            consider(_required(av[2]))
+        elif op is sre.ATOMIC_GROUP:
+            consider(_required(av))
+    consider({run} if run else None)
+    return best
+
+
+def _build_screen() -> list[tuple[re.Pattern[str], tuple[str, ...] | None]] | None:
     patterns: list[re.Pattern[str]] = []
     for plugin in get_plugins():
         if isinstance(plugin, HighEntropyStringsPlugin):
@@ -68,7 +146,7 @@ def _build_screen() -> list[re.Pattern[str]] | None:
             patterns.extend(plugin.denylist)
         else:
             return None
-    return patterns
+    return [(p, required_literals(p)) for p in patterns]
 
 
 def _lines(text: str) -> list[str]:
@@ -82,7 +160,10 @@ def could_hold_secret(text: str) -> bool:
     for line in _lines(text):
         if len(line) < 5:  # detect-secrets' MIN_LINE_LENGTH: it skips such lines too
             continue
-        for pattern in _screen:
+        folded = fold(line)
+        for pattern, needles in _screen:
+            if needles is not None and not any(n in folded for n in needles):
+                continue
             if pattern.search(line):
                 return True
     return False

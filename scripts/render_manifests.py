@@ -50,18 +50,14 @@ def copies() -> dict[Path, Path]:
     out[files / "operator-rules.yaml"] = OPERATOR_PKG / "rbac.yaml"
     out[files / "alerts.yml"] = ROOT / "deploy" / "prometheus" / "alerts.yml"
     out[files / "adapter-rules.yaml"] = ROOT / "deploy" / "prometheus" / "adapter-rules.yaml"
-    out[files / "dashboards" / "ollama-guard.json"] = (
-        ROOT / "deploy" / "grafana" / "dashboards" / "ollama-guard.json"
-    )
+    out[files / "dashboards" / "ollama-guard.json"] = ROOT / "deploy" / "grafana" / "dashboards" / "ollama-guard.json"
     return out
 
 
 def extra_copies() -> list[Path]:
     """Copies whose source is gone (a CRD removed from the operator)."""
     wanted = set(copies())
-    return [
-        p for d in (CHART / "crds", MANIFESTS / "crds") for p in sorted(d.glob("*.yaml")) if p not in wanted
-    ]
+    return [p for d in (CHART / "crds", MANIFESTS / "crds") for p in sorted(d.glob("*.yaml")) if p not in wanted]
 
 
 def find_helm() -> str:

@@ -29,9 +29,7 @@ def ensure_peering(cfg: kubernetes.client.Configuration) -> bool:
     except kubernetes.client.ApiException as exc:
         if exc.status == 409:
             return True
-        log.warning(
-            "cannot create ClusterKopfPeering %s (%s): running standalone", handlers.PEERING_NAME, exc.status
-        )
+        log.warning("cannot create ClusterKopfPeering %s (%s): running standalone", handlers.PEERING_NAME, exc.status)
         return False
     return True
 

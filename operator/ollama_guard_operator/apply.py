@@ -226,9 +226,7 @@ async def apply_kind(
     return out
 
 
-async def get_or_none(
-    kube: Kube, api_version: str, kind: str, namespace: str, name: str
-) -> dict[str, Any] | None:
+async def get_or_none(kube: Kube, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
     try:
         return await kube.get(api_version, kind, namespace, name)
     except NotFound:

@@ -94,9 +94,7 @@ def owned_selector(owner: Owner) -> str:
     return f"app.kubernetes.io/managed-by={MANAGER},{LABEL_GUARDPROXY}={owner.name}"
 
 
-def _meta(
-    owner: Owner, name: str, component: str, variant: str | None = None, **extra: Any
-) -> dict[str, Any]:
+def _meta(owner: Owner, name: str, component: str, variant: str | None = None, **extra: Any) -> dict[str, Any]:
     return {
         "name": name,
         "namespace": owner.namespace,

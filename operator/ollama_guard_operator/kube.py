@@ -45,9 +45,7 @@ class NotFound(ApiError):
     pass
 
 
-def path(
-    api_version: str, kind: str, namespace: str | None, name: str | None = None, sub: str | None = None
-) -> str:
+def path(api_version: str, kind: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
     plural, namespaced = KINDS[(api_version, kind)]
     base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
     parts = [base]
@@ -110,9 +108,7 @@ class Kube:
         content_type: str = "application/json",
     ) -> Any:
         headers = {"Accept": "application/json"}
-        token = self._cfg.get_api_key_with_prefix("authorization") or self._cfg.get_api_key_with_prefix(
-            "BearerToken"
-        )
+        token = self._cfg.get_api_key_with_prefix("authorization") or self._cfg.get_api_key_with_prefix("BearerToken")
         if token:
             headers["Authorization"] = token
         data = None

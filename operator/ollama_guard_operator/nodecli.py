@@ -50,9 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     reg = sub.add_parser("register", help="create or update a ScanNode")
     reg.add_argument("--guardproxy", required=True, help="the GuardProxy whose Service this node joins")
-    reg.add_argument(
-        "--address", required=True, type=_parse_address, help="HOST:PORT the cluster reaches it at"
-    )
+    reg.add_argument("--address", required=True, type=_parse_address, help="HOST:PORT the cluster reaches it at")
     reg.add_argument("--name", default=None, help="default: this host's short name")
     reg.add_argument("--label", action="append", default=[], type=_parse_label, help="k=v (repeatable)")
     reg.add_argument("--scheme", choices=["http", "https"], default="http")

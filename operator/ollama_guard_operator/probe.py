@@ -26,9 +26,7 @@ async def probe(session: aiohttp.ClientSession, node: ScanNodeSpec) -> ProbeResu
     try:
         async with session.get(node.health_url, timeout=timeout, allow_redirects=False) as resp:
             if resp.status != 200:
-                return ProbeResult(
-                    False, _ms(started), message=f"{node.health_path} answered HTTP {resp.status}"
-                )
+                return ProbeResult(False, _ms(started), message=f"{node.health_path} answered HTTP {resp.status}")
             body = await resp.json(content_type=None)
     except TimeoutError:
         return ProbeResult(False, _ms(started), message=f"no answer within {node.probe.timeout_seconds}s")

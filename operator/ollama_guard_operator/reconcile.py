@@ -56,9 +56,7 @@ def owner_of(body: dict[str, Any]) -> Owner:
 
 async def capabilities(kube: Kube) -> Capabilities:
     groups = await kube.api_groups()
-    return Capabilities(
-        custom_metrics=CUSTOM_METRICS_GROUP in groups, service_monitors=MONITORING_GROUP in groups
-    )
+    return Capabilities(custom_metrics=CUSTOM_METRICS_GROUP in groups, service_monitors=MONITORING_GROUP in groups)
 
 
 async def scan_nodes(kube: Kube, owner: Owner) -> tuple[list[NodeEndpoint], int]:
@@ -276,9 +274,7 @@ async def _sync_scan_nodes(kube: Kube, gp: dict[str, Any]) -> Outcome:
     return outcome
 
 
-def next_node_status(
-    old: dict[str, Any] | None, ok: bool, spec_threshold: tuple[int, int]
-) -> tuple[bool, int, int]:
+def next_node_status(old: dict[str, Any] | None, ok: bool, spec_threshold: tuple[int, int]) -> tuple[bool, int, int]:
     """(healthy, consecutiveFailures, consecutiveSuccesses) after one probe, with the thresholds applied."""
     failure_threshold, success_threshold = spec_threshold
     old = old or {}

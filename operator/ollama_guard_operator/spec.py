@@ -72,9 +72,7 @@ class Models(_Model):
     @model_validator(mode="after")
     def _pull_needs_a_volume(self) -> Models:
         if self.pull_job.enabled and not self.persistent_volume_claim:
-            raise ValueError(
-                "models.pullJob needs models.persistentVolumeClaim: an emptyDir would not outlive the Job"
-            )
+            raise ValueError("models.pullJob needs models.persistentVolumeClaim: an emptyDir would not outlive the Job")
         return self
 
 
@@ -88,13 +86,9 @@ class Autoscaling(_Model):
     @model_validator(mode="after")
     def _bounds(self) -> Autoscaling:
         if self.min_replicas > self.max_replicas:
-            raise ValueError(
-                f"autoscaling.minReplicas ({self.min_replicas}) exceeds maxReplicas ({self.max_replicas})"
-            )
+            raise ValueError(f"autoscaling.minReplicas ({self.min_replicas}) exceeds maxReplicas ({self.max_replicas})")
         if not QUANTITY.match(self.target_requests_per_second):
-            raise ValueError(
-                f"autoscaling.targetRequestsPerSecond {self.target_requests_per_second!r} is no quantity"
-            )
+            raise ValueError(f"autoscaling.targetRequestsPerSecond {self.target_requests_per_second!r} is no quantity")
         return self
 
 

@@ -433,9 +433,7 @@ class Handlers:
         self._audit(request, req, decision, fired, in_verdicts, out_verdicts, 200, started)
         return make_response(body, 200, up_headers + guard_headers)
 
-    async def _scan_answer(
-        self, route: Route, obj: Any, prompt: str, vault: Any
-    ) -> tuple[list[Verdict], Any]:
+    async def _scan_answer(self, route: Route, obj: Any, prompt: str, vault: Any) -> tuple[list[Verdict], Any]:
         """Scan every text of a whole answer: the content with every output scanner (cached), the thinking
         and each tool call's arguments with all but the answer-only ones. Returns the verdicts and the answer
         to send: the same object when nothing was sanitized, a rewritten copy when something was."""

@@ -113,9 +113,7 @@ class VerdictCache(RedisBacked):
         self.cfg = cfg
         self.metrics = metrics
         self.memory = MemoryCache(cfg.max_size, cfg.ttl)
-        self.redis: RedisCache | None = (
-            RedisCache(redis_cfg, cfg.ttl) if cfg.backend in ("auto", "redis") else None
-        )
+        self.redis: RedisCache | None = RedisCache(redis_cfg, cfg.ttl) if cfg.backend in ("auto", "redis") else None
         self.state = RedisState(redis_cfg.retry_interval, "verdict cache")
         self.hits = 0
         self.misses = 0

@@ -190,9 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-load", action="store_true", help="validate only; do not load scanners")
     s.set_defaults(func=cmd_config_check)
 
-    sub.add_parser(
-        "node", help="register Mac minis as ScanNodes (register|list|remove; see --help)", add_help=False
-    )
+    sub.add_parser("node", help="register Mac minis as ScanNodes (register|list|remove; see --help)", add_help=False)
     return ap
 
 

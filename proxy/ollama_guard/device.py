@@ -30,9 +30,7 @@ def available_devices(torch: Any) -> dict[str, bool]:
     return {"mps": mps, "cuda": bool(torch.cuda.is_available()), "cpu": True}
 
 
-def choose_device(
-    requested: str, available: dict[str, bool], mps_fp16: bool, cuda_fp16: bool
-) -> DeviceChoice:
+def choose_device(requested: str, available: dict[str, bool], mps_fp16: bool, cuda_fp16: bool) -> DeviceChoice:
     """Pure: the device to use given what was asked for and what exists."""
     if requested != "auto":
         if not available.get(requested):

@@ -270,9 +270,7 @@ def stopped_stream_tail(
         out.append(encode_ndjson(final))
         return out
     tmpl = {
-        k: v
-        for k, v in (template or {}).items()
-        if k in ("id", "object", "created", "model", "system_fingerprint")
+        k: v for k, v in (template or {}).items() if k in ("id", "object", "created", "model", "system_fingerprint")
     }
     tmpl.setdefault("model", model)
     if message:

@@ -89,9 +89,7 @@ class Metrics:
         self.scanner_errors = Counter(
             p + "scanner_errors_total", "Scanner errors and timeouts", ["scanner", "direction"], **kw
         )
-        self.cache_requests = Counter(
-            p + "cache_requests_total", "Verdict cache lookups", ["backend", "result"], **kw
-        )
+        self.cache_requests = Counter(p + "cache_requests_total", "Verdict cache lookups", ["backend", "result"], **kw)
         self.cache_backend_active = Gauge(
             p + "cache_backend_active",
             "1 for the verdict cache backend in use",
@@ -100,9 +98,7 @@ class Metrics:
             **gauge_max,
         )
         self.redis_errors = Counter(p + "redis_errors_total", "Failed Redis calls", **kw)
-        self.rate_limited = Counter(
-            p + "rate_limited_total", "Requests refused by rate limits", ["client"], **kw
-        )
+        self.rate_limited = Counter(p + "rate_limited_total", "Requests refused by rate limits", ["client"], **kw)
         self.in_flight = Gauge(p + "requests_in_flight", "Requests being served", **kw, **gauge_mode)
         self.streams_stopped = Counter(
             p + "streams_stopped_total", "Streams the guard stopped", ["dialect", "scanner"], **kw
@@ -114,9 +110,7 @@ class Metrics:
         self.device_info = Gauge(p + "device_info", "Compute device in use", ["device"], **kw, **gauge_max)
         self.rss = Gauge(p + "process_resident_memory_bytes", "Resident memory", **kw, **gauge_mode)
         self.cpu = Gauge(p + "process_cpu_percent", "CPU use of this process", **kw, **gauge_mode)
-        self.gpu_memory = Gauge(
-            p + "gpu_memory_bytes", "GPU memory allocated", ["device"], **kw, **gauge_mode
-        )
+        self.gpu_memory = Gauge(p + "gpu_memory_bytes", "GPU memory allocated", ["device"], **kw, **gauge_mode)
         self._process: Any = None
 
     # -- recorded by the engine, the cache and the app ------------------------------------------------

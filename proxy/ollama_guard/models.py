@@ -13,9 +13,7 @@ from pathlib import Path
 from .settings import Settings
 
 
-def pull_models(
-    settings: Settings, force: bool = False, only: list[str] | None = None, onnx: bool = False
-) -> int:
+def pull_models(settings: Settings, force: bool = False, only: list[str] | None = None, onnx: bool = False) -> int:
     from .scanning import registry
     from .scanning.policy import default_input_scanners, default_output_scanners, resolve_model
 

@@ -245,4 +245,3 @@ class Validator:
             _expect(isinstance(item, str), f"{key}[{i}] must be a string (token arrays are not accepted)")
             self._text(item, f"{key}[{i}]")
             req.targets.append(Target(value, i, "user"))
-

@@ -121,9 +121,7 @@ class Authenticator:
             keys += _load_keys_file(cfg.api_keys_file)
         self.keys = keys
         if self.enabled and not keys:
-            raise ConfigError(
-                "auth.enabled is true but no API keys are configured (auth.api_keys or api_keys_file)"
-            )
+            raise ConfigError("auth.enabled is true but no API keys are configured (auth.api_keys or api_keys_file)")
         admin = _read_secret(cfg.admin_token, cfg.admin_token_file, "auth.admin_token_file")
         self._admin_hash = hash_key(admin) if admin else None
 

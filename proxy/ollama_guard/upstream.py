@@ -36,9 +36,7 @@ class UpstreamError(Exception):
         self.message = message
 
 
-def forward_headers(
-    headers: Iterable[tuple[str, str]], drop: frozenset[str] = frozenset()
-) -> list[tuple[str, str]]:
+def forward_headers(headers: Iterable[tuple[str, str]], drop: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
     out = []
     for k, v in headers:
         lk = k.lower()
@@ -86,9 +84,7 @@ class Upstream:
                 method, self.base_url + path, headers=headers, data=body, allow_redirects=False
             )
         except aiohttp.ClientConnectorError as exc:
-            raise UpstreamError(
-                502, "connect", f"cannot reach Ollama at {self.base_url}: {exc.os_error}"
-            ) from None
+            raise UpstreamError(502, "connect", f"cannot reach Ollama at {self.base_url}: {exc.os_error}") from None
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise UpstreamError(504, "timeout", "Ollama did not answer in time") from None
         except aiohttp.ClientError as exc:

@@ -49,14 +49,10 @@ def _now() -> str:
     return datetime.datetime.now(tz=datetime.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def declare(
-    emulator: k8s.KubernetesEmulator, *, monitoring: bool = False, custom_metrics: bool = False
-) -> None:
+def declare(emulator: k8s.KubernetesEmulator, *, monitoring: bool = False, custom_metrics: bool = False) -> None:
     table = dict(RESOURCES)
     if monitoring:
-        table["monitoring.coreos.com/v1/servicemonitors"] = OPTIONAL[
-            "monitoring.coreos.com/v1/servicemonitors"
-        ]
+        table["monitoring.coreos.com/v1/servicemonitors"] = OPTIONAL["monitoring.coreos.com/v1/servicemonitors"]
     if custom_metrics:
         table["custom.metrics.k8s.io/v1beta1/pods"] = OPTIONAL["custom.metrics.k8s.io/v1beta1/pods"]
     for key, (kind, namespaced, subs) in table.items():
@@ -155,9 +151,7 @@ class ApiServer(k8s.KubernetesEmulator):
             raise k8s.KubernetesObjectConflictError()
         if request.namespace:
             meta["namespace"] = request.namespace
-        meta.update(
-            uid=str(uuid.uuid4()), resourceVersion=str(next(_rv)), generation=1, creationTimestamp=_now()
-        )
+        meta.update(uid=str(uuid.uuid4()), resourceVersion=str(next(_rv)), generation=1, creationTimestamp=_now())
         await self._store(key, obj, "ADDED")
         return 201, obj
 

@@ -46,9 +46,7 @@ SPECS = {
     },
     "single-replica-managed-redis": {
         "variants": {"cpu": {"replicas": 1, "resources": {"requests": {"cpu": "250m"}}}},
-        "redis": {
-            "managed": {"maxMemory": "1gb", "storageClassName": "fast", "evictionPolicy": "allkeys-lfu"}
-        },
+        "redis": {"managed": {"maxMemory": "1gb", "storageClassName": "fast", "evictionPolicy": "allkeys-lfu"}},
     },
 }
 CAPS = [Capabilities(), Capabilities(custom_metrics=True, service_monitors=True)]
@@ -102,10 +100,7 @@ def test_cpu_deployment_is_hardened_and_probed() -> None:
     assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "guard-redis", "key": "password"}
     assert "nvidia.com/gpu" not in str(c["resources"])
     assert pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
-    assert (
-        dep["spec"]["selector"]["matchLabels"].items()
-        <= dep["spec"]["template"]["metadata"]["labels"].items()
-    )
+    assert dep["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
 
 
 def test_cuda_variant_requests_gpus_and_lands_on_gpu_nodes() -> None:
@@ -184,9 +179,7 @@ def test_api_keys_secret_turns_auth_on_in_the_proxy_settings(tmp_path) -> None:
     from ollama_guard.settings import load_settings
 
     spec = parse_guardproxy({**UPSTREAM, "auth": {"apiKeysSecret": {"name": "keys", "key": "k.yaml"}}})
-    (container,) = builders.deployment(OWNER, spec, "cpu", spec.variants.cpu)["spec"]["template"]["spec"][
-        "containers"
-    ]
+    (container,) = builders.deployment(OWNER, spec, "cpu", spec.variants.cpu)["spec"]["template"]["spec"]["containers"]
     keys = tmp_path / "k.yaml"
     keys.write_text(f"- name: team-a\n  sha256: {hash_key('secret-key')}\n")
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
@@ -224,9 +217,9 @@ def test_disabled_redis_uses_memory_cache_and_config_rolls_pods() -> None:
     assert env["CACHE_BACKEND"] == "memory" and "REDIS_URL" not in env
     assert dep["spec"]["template"]["spec"]["volumes"][2]["persistentVolumeClaim"]["claimName"] == "weights"
     assert (
-        by_kind(objs, "Job")["guard-models-pull"]["spec"]["template"]["spec"]["volumes"][0][
-            "persistentVolumeClaim"
-        ]["claimName"]
+        by_kind(objs, "Job")["guard-models-pull"]["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"][
+            "claimName"
+        ]
         == "weights"
     )
     cm = by_kind(objs, "ConfigMap")["guard-config"]

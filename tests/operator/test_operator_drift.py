@@ -172,9 +172,7 @@ def test_extra_keys_and_named_items_added_by_others_are_not_drift() -> None:
     obj = desired({})["Deployment/guard-cpu"]
     live = served(obj)
     pod = live["spec"]["template"]["spec"]
-    live["spec"]["template"]["metadata"].setdefault("annotations", {})["kubectl.kubernetes.io/restartedAt"] = (
-        "now"
-    )
+    live["spec"]["template"]["metadata"].setdefault("annotations", {})["kubectl.kubernetes.io/restartedAt"] = "now"
     pod["containers"].insert(0, {"name": "istio-proxy", "image": "istio/proxyv2"})  # injected sidecar
     pod["containers"][1]["env"].reverse()  # order of named items does not matter
     pod["containers"][1]["env"].append({"name": "DEBUG", "value": "1"})
@@ -327,9 +325,7 @@ DEPLOYMENT = f"/apis/apps/v1/namespaces/{NS}/deployments/guard-cpu"
 
 
 def _image(kmock: ApiServer) -> str:
-    return objects(kmock, "apps/v1/deployments")["guard-cpu"]["spec"]["template"]["spec"]["containers"][0][
-        "image"
-    ]
+    return objects(kmock, "apps/v1/deployments")["guard-cpu"]["spec"]["template"]["spec"]["containers"][0]["image"]
 
 
 def _events(kmock: ApiServer, reason: str) -> list[str]:
@@ -347,17 +343,13 @@ async def test_drift_timer_reverts_a_hand_edited_image_then_writes_nothing(kmock
 
         # A user edits the image in place (as `kubectl set image` would), leaving the hash annotation alone.
         ops = [{"op": "replace", "path": "/spec/template/spec/containers/0/image", "value": "evil/proxy:latest"}]
-        async with kmock.patch(
-            DEPLOYMENT, json=ops, headers={"Content-Type": "application/json-patch+json"}
-        ) as resp:
+        async with kmock.patch(DEPLOYMENT, json=ops, headers={"Content-Type": "application/json-patch+json"}) as resp:
             assert resp.status == 200, await resp.text()
         assert _image(kmock) == "evil/proxy:latest"
 
         await eventually(lambda: _image(kmock) == image, "the drift timer restores the image")
         repaired = await eventually(lambda: _events(kmock, "DriftRepaired"), "a DriftRepaired event")
-        assert repaired == [
-            "repaired drift in Deployment/guard-cpu: spec.template.spec.containers[proxy].image"
-        ]
+        assert repaired == ["repaired drift in Deployment/guard-cpu: spec.template.spec.containers[proxy].image"]
 
         # Settled again: further timer passes over an unedited object write nothing.
         def passes() -> int:

@@ -188,9 +188,7 @@ async def test_update_patches_children_and_disabling_a_variant_deletes_it(kmock:
             {
                 "spec": {
                     **SPEC["spec"],
-                    "variants": {
-                        "cuda": {"enabled": True, "autoscaling": {"enabled": True, "maxReplicas": 3}}
-                    },
+                    "variants": {"cuda": {"enabled": True, "autoscaling": {"enabled": True, "maxReplicas": 3}}},
                 }
             },
         )
@@ -216,9 +214,7 @@ async def test_update_patches_children_and_disabling_a_variant_deletes_it(kmock:
             return env["OLLAMA_URL"] == "http://other:11434"
 
         await eventually(updated, "cpu deployment points at the new upstream")
-        await eventually(
-            lambda: "guard-cuda" not in children(kmock)["deployments"], "cuda deployment deleted"
-        )
+        await eventually(lambda: "guard-cuda" not in children(kmock)["deployments"], "cuda deployment deleted")
         await eventually(
             lambda: not children(kmock)["hpas"] and children(kmock)["pdbs"] == {"guard-cpu"},
             "cuda HPA and PDB deleted",
@@ -242,9 +238,7 @@ async def test_switching_redis_to_external_removes_the_managed_one(kmock: ApiSer
         await eventually(lambda: not children(kmock)["statefulsets"], "StatefulSet gone")
         got = children(kmock)
         assert got["services"] == {"guard"} and got["secrets"] == {"redis-url"}
-        await eventually(
-            lambda: gp_status(kmock).get("redis", {}).get("state") == "External", "redis external"
-        )
+        await eventually(lambda: gp_status(kmock).get("redis", {}).get("state") == "External", "redis external")
 
 
 async def test_invalid_spec_is_reported_and_not_retried(kmock: ApiServer) -> None:
@@ -274,9 +268,7 @@ async def test_invalid_spec_is_reported_and_not_retried(kmock: ApiServer) -> Non
 async def test_missing_secret_is_a_temporary_error(kmock: ApiServer) -> None:
     declare(kmock)
     async with running_operator(kmock):
-        await create(
-            kmock, GP, "guard", {"spec": {**SPEC["spec"], "auth": {"apiKeysSecret": {"name": "keys"}}}}
-        )
+        await create(kmock, GP, "guard", {"spec": {**SPEC["spec"], "auth": {"apiKeysSecret": {"name": "keys"}}}})
         ready = await eventually(lambda: condition(kmock, "Ready"), "Ready condition")
         assert ready["reason"] == "MissingDependency" and "keys" in ready["message"]
         await create(kmock, "v1/secrets", "keys", {"stringData": {"api-keys.yaml": "[]"}})
@@ -335,9 +327,7 @@ async def test_scannode_health_flips_move_it_in_and_out_of_the_slice(
                 }
             },
         )
-        await create(
-            kmock, SN, "mini-dead", {"spec": {"guardProxy": "guard", "address": "127.0.0.1", "port": 1}}
-        )
+        await create(kmock, SN, "mini-dead", {"spec": {"guardProxy": "guard", "address": "127.0.0.1", "port": 1}})
         await eventually(lambda: slice_addresses(kmock) == ["127.0.0.1"], "healthy node in the slice")
         (sl,) = objects(kmock, "discovery.k8s.io/v1/endpointslices").values()
         assert sl["addressType"] == "IPv4" and sl["ports"][0]["port"] == health_server["port"]

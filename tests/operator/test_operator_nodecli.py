@@ -30,9 +30,7 @@ def node(kmock: ApiServer, name: str) -> dict | None:
     return None
 
 
-async def test_register_creates_then_updates_list_and_remove(
-    kmock: ApiServer, capsys: pytest.CaptureFixture
-) -> None:
+async def test_register_creates_then_updates_list_and_remove(kmock: ApiServer, capsys: pytest.CaptureFixture) -> None:
     declare(kmock)
     assert (
         await run(
@@ -53,12 +51,7 @@ async def test_register_creates_then_updates_list_and_remove(
     assert obj["spec"] == {"guardProxy": "guard", "address": "192.168.1.20", "port": 8080, "scheme": "http"}
     assert obj["metadata"]["labels"] == {"rack": "desk", "ollama-guard.io/guardproxy": "guard"}
 
-    assert (
-        await run(
-            kmock, "register", "--guardproxy", "guard", "--address", "mini1.lan:9000", "--name", "mini-1"
-        )
-        == 0
-    )
+    assert await run(kmock, "register", "--guardproxy", "guard", "--address", "mini1.lan:9000", "--name", "mini-1") == 0
     assert node(kmock, "mini-1")["spec"]["address"] == "mini1.lan"
     assert node(kmock, "mini-1")["spec"]["port"] == 9000
 

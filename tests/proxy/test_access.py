@@ -30,9 +30,7 @@ def chat(url, headers=None, text="hi"):
 @pytest.fixture
 def locked(start_proxy):
     return start_proxy(
-        **pure(
-            auth={"enabled": True, "api_keys": [{"name": "team-a", "sha256": sha(KEY)}], "admin_token": ADMIN}
-        )
+        **pure(auth={"enabled": True, "api_keys": [{"name": "team-a", "sha256": sha(KEY)}], "admin_token": ADMIN})
     )
 
 
@@ -52,10 +50,7 @@ def test_api_keys_checked(locked, upstream):
 
 def test_admin_token_checked(locked, start_proxy):
     assert httpx.post(locked.url + "/admin/cache/clear").status_code == 401
-    assert (
-        httpx.post(locked.url + "/admin/cache/clear", headers={"Authorization": f"Bearer {KEY}"}).status_code
-        == 401
-    )
+    assert httpx.post(locked.url + "/admin/cache/clear", headers={"Authorization": f"Bearer {KEY}"}).status_code == 401
     r = httpx.post(locked.url + "/admin/cache/clear", headers={"Authorization": f"Bearer {ADMIN}"})
     assert r.status_code == 200 and "cleared" in r.json()
     open_proxy = start_proxy(**pure())

@@ -101,10 +101,13 @@ def test_generate_template_is_scanned_like_the_prompt(proxy, upstream):
     assert len(upstream.requests) == before
 
 
-@pytest.mark.parametrize("path,body", [
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
-    ("/v1/completions", {"prompt": "hi"}),
-])
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/completions", {"prompt": "hi"}),
+    ],
+)
 def test_openai_more_than_one_choice_is_refused(proxy, upstream, path, body):
     before = len(upstream.requests)
     r = httpx.post(proxy.url + path, json={"model": "m", "n": 2, **body})
@@ -147,16 +150,12 @@ def test_upstream_down_is_502_in_dialect(start_proxy):
     p = start_proxy(**pure(ollama_url=dead))
     r = httpx.post(p.url + "/api/chat", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 502 and "cannot reach Ollama" in r.json()["error"]
-    r = httpx.post(
-        p.url + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]}
-    )
+    r = httpx.post(p.url + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_connect"
 
 
 def test_upstream_errors_pass_through_with_status(proxy):
-    r = httpx.post(
-        proxy.url + "/api/chat", json={"model": "missing", "messages": [{"role": "user", "content": "x"}]}
-    )
+    r = httpx.post(proxy.url + "/api/chat", json={"model": "missing", "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 404 and "not found" in r.json()["error"]
 
 

@@ -64,9 +64,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     out = {
         "pi_trigger": triggered_model(root / "pi_trigger", "ignore", ["SAFE", "INJECTION"]),
-        "tox_trigger": triggered_model(
-            root / "tox_trigger", "idiot", TOXIC_LABELS, -3.0, "multi_label_classification"
-        ),
+        "tox_trigger": triggered_model(root / "tox_trigger", "idiot", TOXIC_LABELS, -3.0, "multi_label_classification"),
         "pi_always": injection_model(root / "pi_always", True),
         "tox_never": toxicity_model(root / "tox_never", False),
     }
@@ -182,9 +180,7 @@ def test_queued_requests_share_passes_within_the_bound_and_get_their_own_results
 
 def test_concurrent_scans_from_threads_are_routed_back_to_their_callers(models: dict[str, Path]) -> None:
     scanner = batched("PromptInjection", models["pi_trigger"], batch_size=8, batch_wait_ms=5.0)
-    texts = [
-        f"{'ignore ' if i % 3 == 0 else ''}{MIXED[i % len(MIXED)]} {'hello ' * (i % 7)}" for i in range(64)
-    ]
+    texts = [f"{'ignore ' if i % 3 == 0 else ''}{MIXED[i % len(MIXED)]} {'hello ' * (i % 7)}" for i in range(64)]
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(scanner.scan, texts))
     assert [valid for _, valid, _ in results] == ["ignore" not in t for t in texts]
@@ -222,9 +218,7 @@ LONG_MIDDLE = "hello world " * 500 + "ignore " + "hello world " * 500
     ("windows", "tail_caught", "middle_caught"),
     [("truncate", False, False), ("head_tail", True, False), ("chunks", True, True)],
 )
-def test_long_prompt_windows(
-    models: dict[str, Path], windows: str, tail_caught: bool, middle_caught: bool
-) -> None:
+def test_long_prompt_windows(models: dict[str, Path], windows: str, tail_caught: bool, middle_caught: bool) -> None:
     scanner = batched("PromptInjection", models["pi_trigger"], windows=windows)
     stats = scanner.classifier.stats
     before = stats.windows

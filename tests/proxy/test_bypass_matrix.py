@@ -100,9 +100,7 @@ def test_violating_prompt_is_blocked_and_never_forwarded(proxy, upstream, route,
 @pytest.mark.parametrize("route", GENERATING, ids=lambda r: r[0] if isinstance(r, tuple) else r)
 def test_violating_answer_never_reaches_the_client(proxy, route, stream, chunk_chars):
     path, dialect, make = route
-    body = make(
-        f"REPLY: Here is a long and harmless introduction to the answer. Then {BANNED_OUT} appears.", stream
-    )
+    body = make(f"REPLY: Here is a long and harmless introduction to the answer. Then {BANNED_OUT} appears.", stream)
     body["options"] = {"fake_chunk_chars": chunk_chars}
     body["fake"] = {"chunk_chars": chunk_chars}
     r = httpx.post(proxy.url + path, json=body)
@@ -135,8 +133,6 @@ def test_clean_answers_arrive_whole(proxy, route, stream):
 
 def test_native_stream_defaults_to_streaming(proxy):
     # Ollama streams when `stream` is absent; the guard must too (and scan it).
-    r = httpx.post(
-        proxy.url + "/api/chat", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-    )
+    r = httpx.post(proxy.url + "/api/chat", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
     assert r.headers["content-type"] == "application/x-ndjson"
     assert len(r.content.splitlines()) > 2

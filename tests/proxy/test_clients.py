@@ -21,25 +21,20 @@ def test_ollama_chat_streams_through_the_guard(proxy):
     client = ollama.Client(host=proxy.url)
     parts = list(client.chat(model="llama3.2", messages=[{"role": "user", "content": "hello"}], stream=True))
     assert (
-        "".join(p.message.content for p in parts)
-        == "The capital of France is Paris. It is known for the Eiffel Tower."
+        "".join(p.message.content for p in parts) == "The capital of France is Paris. It is known for the Eiffel Tower."
     )
     assert parts[-1].done and parts[-1].done_reason == "stop"
 
 
 def test_ollama_chat_non_streaming(proxy):
-    r = ollama.Client(host=proxy.url).chat(
-        model="llama3.2", messages=[{"role": "user", "content": "REPLY: fine"}]
-    )
+    r = ollama.Client(host=proxy.url).chat(model="llama3.2", messages=[{"role": "user", "content": "REPLY: fine"}])
     assert r.message.content == "fine"
 
 
 def test_ollama_generate_and_embed(proxy):
     client = ollama.Client(host=proxy.url)
     assert client.generate(model="llama3.2", prompt="REPLY: generated").response == "generated"
-    streamed = "".join(
-        c.response for c in client.generate(model="llama3.2", prompt="REPLY: in pieces", stream=True)
-    )
+    streamed = "".join(c.response for c in client.generate(model="llama3.2", prompt="REPLY: in pieces", stream=True))
     assert streamed == "in pieces"
     assert len(client.embed(model="llama3.2", input=["a", "b"]).embeddings) == 2
     assert client.embeddings(model="llama3.2", prompt="a").embedding == [0.1, 0.2, 0.3]
@@ -48,9 +43,7 @@ def test_ollama_generate_and_embed(proxy):
 def test_ollama_client_sees_blocked_prompt_as_error_naming_scanner(proxy, upstream):
     before = len(upstream.requests)
     with pytest.raises(ollama.ResponseError) as err:
-        ollama.Client(host=proxy.url).chat(
-            model="llama3.2", messages=[{"role": "user", "content": BANNED_IN}]
-        )
+        ollama.Client(host=proxy.url).chat(model="llama3.2", messages=[{"role": "user", "content": BANNED_IN}])
     assert err.value.status_code == 403
     assert "BanSubstrings" in str(err.value) and BANNED_IN not in str(err.value)
     assert len(upstream.requests) == before  # never forwarded
@@ -71,9 +64,7 @@ def test_ollama_stream_stopped_by_guard_ends_well_formed(proxy):
 
 def test_openai_chat_streaming_and_not(proxy):
     client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="unused")
-    r = client.chat.completions.create(
-        model="llama3.2", messages=[{"role": "user", "content": "REPLY: plain"}]
-    )
+    r = client.chat.completions.create(model="llama3.2", messages=[{"role": "user", "content": "REPLY: plain"}])
     assert r.choices[0].message.content == "plain"
     chunks = list(
         client.chat.completions.create(
@@ -88,8 +79,7 @@ def test_openai_completions_embeddings_models(proxy):
     client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="unused")
     assert client.completions.create(model="llama3.2", prompt="REPLY: done").choices[0].text == "done"
     text = "".join(
-        c.choices[0].text
-        for c in client.completions.create(model="llama3.2", prompt="REPLY: sse", stream=True)
+        c.choices[0].text for c in client.completions.create(model="llama3.2", prompt="REPLY: sse", stream=True)
     )
     assert text == "sse"
     assert len(client.embeddings.create(model="llama3.2", input=["x", "y"]).data) == 2

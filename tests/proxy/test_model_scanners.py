@@ -69,9 +69,7 @@ def test_missing_required_model_makes_proxy_unready_and_refuses_traffic(start_pr
     assert ready.status_code == 503 and "PromptInjection" in ready.json()["reasons"][0]
     assert "models pull" in ready.json()["reasons"][0]
     health = httpx.get(p.url + "/health").json()
-    assert (
-        health["ready"] is False and "models pull" in health["scanners"]["input/PromptInjection"]["missing"]
-    )
+    assert health["ready"] is False and "models pull" in health["scanners"]["input/PromptInjection"]["missing"]
     before = len(upstream.requests)
     r = chat(p.url, "hello")
     assert r.status_code == 503 and "guard not ready" in r.json()["error"]

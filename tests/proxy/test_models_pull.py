@@ -16,8 +16,9 @@ def config(tmp_path):
     repo = "protectai/deberta-v3-base-prompt-injection-v2"
     scanner = {"type": "PromptInjection", "model": {"path": "pi", "hf_repo": repo}}
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"models_path": str(tmp_path / "models"), "input_scanners": [scanner],
-                                   "output_scanners": []}))
+    cfg.write_text(
+        yaml.safe_dump({"models_path": str(tmp_path / "models"), "input_scanners": [scanner], "output_scanners": []})
+    )
     return cfg
 
 
@@ -26,8 +27,13 @@ def run_pull(cfg_path, extra_env):
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens: refused at once, no real network
     env = {**os.environ, "HF_ENDPOINT": dead, "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2", **extra_env}
-    return subprocess.run([sys.executable, "-m", "ollama_guard.cli", "-c", str(cfg_path), "models", "pull"],
-                          capture_output=True, text=True, timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "ollama_guard.cli", "-c", str(cfg_path), "models", "pull"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
 
 
 def test_pull_offline_says_so_and_fails(tmp_path):

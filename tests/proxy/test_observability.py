@@ -84,10 +84,7 @@ def test_upstream_down_and_stopped_streams_are_counted(start_proxy):
     from .policies import BANNED_OUT
 
     httpx.post(q.url + "/api/generate", json={"model": "m", "prompt": f"REPLY: fine words then {BANNED_OUT}"})
-    assert (
-        value(samples(q.url), "ollama_guard_streams_stopped_total", dialect="ollama", scanner="BanSubstrings")
-        == 1
-    )
+    assert value(samples(q.url), "ollama_guard_streams_stopped_total", dialect="ollama", scanner="BanSubstrings") == 1
 
 
 def test_audit_record_without_raw_prompt(start_proxy, caplog):
@@ -254,8 +251,15 @@ def test_streamed_answers_get_an_audit_record_when_they_end(start_proxy, caplog)
 
     p = start_proxy(**pure())
     with caplog.at_level(logging.INFO, logger="ollama_guard.audit"):
-        httpx.post(p.url + "/api/chat", json={"model": "m", "messages": [
-            {"role": "user", "content": f"REPLY: the key is {AWS} and that is all there is to say about it."}]})
+        httpx.post(
+            p.url + "/api/chat",
+            json={
+                "model": "m",
+                "messages": [
+                    {"role": "user", "content": f"REPLY: the key is {AWS} and that is all there is to say about it."}
+                ],
+            },
+        )
         httpx.post(p.url + "/api/generate", json={"model": "m", "prompt": f"REPLY: fine words, then {BANNED_OUT}"})
 
         def records():

@@ -36,9 +36,15 @@ def proxy(start_proxy, models):
 
 
 def ask(url, email, stream=False):
-    r = httpx.post(url + "/api/chat", timeout=60, json={
-        "model": "m", "stream": stream,
-        "messages": [{"role": "user", "content": f"REPLY: Please write to {email} today."}]})
+    r = httpx.post(
+        url + "/api/chat",
+        timeout=60,
+        json={
+            "model": "m",
+            "stream": stream,
+            "messages": [{"role": "user", "content": f"REPLY: Please write to {email} today."}],
+        },
+    )
     assert r.status_code == 200, r.text
     if stream:
         import orjson
@@ -67,8 +73,12 @@ def test_each_request_has_its_own_vault(proxy):
 
 
 def test_missing_spacy_model_is_reported_not_downloaded(start_proxy, models):
-    p = start_proxy(models_path=str(models), input_scanners=[
-        {"type": "Anonymize", "action": "sanitize", "required": False, "params": {"spacy_model": "xx_not_there"}}])
+    p = start_proxy(
+        models_path=str(models),
+        input_scanners=[
+            {"type": "Anonymize", "action": "sanitize", "required": False, "params": {"spacy_model": "xx_not_there"}}
+        ],
+    )
     health = httpx.get(p.url + "/health").json()
     assert "xx_not_there" in health["scanners"]["input/Anonymize"]["missing"]
 
@@ -76,8 +86,14 @@ def test_missing_spacy_model_is_reported_not_downloaded(start_proxy, models):
 def test_another_requests_placeholder_reveals_nothing(proxy, upstream):
     # With a shared vault, anyone could ask for "[REDACTED_EMAIL_ADDRESS_1]" and get someone else's address.
     ask(proxy.url, "secret.person@example.com")
-    r = httpx.post(proxy.url + "/api/chat", json={"model": "m", "stream": False, "messages": [
-        {"role": "user", "content": "REPLY: Who is [REDACTED_EMAIL_ADDRESS_1]?"}]})
+    r = httpx.post(
+        proxy.url + "/api/chat",
+        json={
+            "model": "m",
+            "stream": False,
+            "messages": [{"role": "user", "content": "REPLY: Who is [REDACTED_EMAIL_ADDRESS_1]?"}],
+        },
+    )
     assert r.status_code == 200
     assert "secret.person" not in r.json()["message"]["content"]
     # And every request numbers its own placeholders from 1.

@@ -39,8 +39,7 @@ def test_the_readme_commands_are_the_ones_tested_here():
         "make serve",
         "make test",
         'make serve ARGS="--ollama-url http://localhost:11434"',
-        "curl -s localhost:8080/api/chat -d "
-        "'{\"model\":\"llama3.2\",\"messages\":[{\"role\":\"user\",\"content\":\"hello\"}]}'",
+        'curl -s localhost:8080/api/chat -d \'{"model":"llama3.2","messages":[{"role":"user","content":"hello"}]}\'',
         '.venv/bin/ollama-guard scan "my key is AKIAIOSFODNN7EXAMPLE"',
         ".venv/bin/ollama-guard config check",
         ".venv/bin/ollama-guard models pull",
@@ -50,8 +49,9 @@ def test_the_readme_commands_are_the_ones_tested_here():
 def _cli(line: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     argv = shlex.split(line)
     argv[0] = str(VENV_BIN / "ollama-guard")
-    return subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, **(env or {})}
+    )
 
 
 def test_scan_command():
@@ -76,9 +76,15 @@ def test_models_pull_command_offline_is_clear(tmp_path):
 def test_make_serve_then_curl(upstream):
     # The README's command, with the port moved off 8080 so the test never collides with a running proxy.
     port = free_port()
-    proc = subprocess.Popen(["make", "-s", "serve", f"ARGS=--ollama-url {upstream.url} --port {port}"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        ["make", "-s", "serve", f"ARGS=--ollama-url {upstream.url} --port {port}"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
+
         def up():
             try:
                 return httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200
@@ -87,9 +93,18 @@ def test_make_serve_then_curl(upstream):
 
         wait_for(up, 120, "make serve")
         assert proc.poll() is None
-        curl = subprocess.run(["curl", "-s", f"localhost:{port}/api/chat", "-d",
-                               '{"model":"llama3.2","messages":[{"role":"user","content":"hello"}]}'],
-                              capture_output=True, text=True, timeout=30)
+        curl = subprocess.run(
+            [
+                "curl",
+                "-s",
+                f"localhost:{port}/api/chat",
+                "-d",
+                '{"model":"llama3.2","messages":[{"role":"user","content":"hello"}]}',
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         lines = [json.loads(line) for line in curl.stdout.splitlines() if line.strip()]
         assert lines[-1]["done"] is True
         assert "Paris" in "".join(line["message"]["content"] for line in lines)

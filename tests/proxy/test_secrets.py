@@ -141,8 +141,12 @@ def _class_char(items, rng) -> str:
         return chr(rng.randint(av[0], av[1]))
     if op is sre.CATEGORY:
         return {
-            sre.CATEGORY_DIGIT: "7", sre.CATEGORY_NOT_DIGIT: "q", sre.CATEGORY_SPACE: " ",
-            sre.CATEGORY_NOT_SPACE: "q", sre.CATEGORY_WORD: "q", sre.CATEGORY_NOT_WORD: " ",
+            sre.CATEGORY_DIGIT: "7",
+            sre.CATEGORY_NOT_DIGIT: "q",
+            sre.CATEGORY_SPACE: " ",
+            sre.CATEGORY_NOT_SPACE: "q",
+            sre.CATEGORY_WORD: "q",
+            sre.CATEGORY_NOT_WORD: " ",
         }.get(av, "q")
     return "q"
 

@@ -37,9 +37,7 @@ def stats(url):
 
 def test_redis_killed_mid_run_loses_no_request_and_recovers(start_proxy, redis):
     p = start_proxy(
-        **pure(
-            cache={"backend": "auto"}, redis={"url": redis.url, "retry_interval": 0.2, "socket_timeout": 0.5}
-        )
+        **pure(cache={"backend": "auto"}, redis={"url": redis.url, "retry_interval": 0.2, "socket_timeout": 0.5})
     )
     statuses = []
     for i in range(120):
@@ -54,9 +52,7 @@ def test_redis_killed_mid_run_loses_no_request_and_recovers(start_proxy, redis):
     assert during["backend"] == "memory" and during["fallbacks"] >= 1 and during["redis_errors"] >= 1
     # Back on Redis once it returns (the next lookup after the retry interval).
     wait_for(
-        lambda: (
-            chat(p.url, "after recovery").status_code == 200 and stats(p.url)["cache"]["backend"] == "redis"
-        ),
+        lambda: chat(p.url, "after recovery").status_code == 200 and stats(p.url)["cache"]["backend"] == "redis",
         10,
         "cache back on redis",
     )
@@ -95,9 +91,7 @@ def two_processes(redis, upstream, tmp_path):
     import yaml
 
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(
-        yaml.safe_dump(pure(rate_limit={"enabled": True, "per_minute": 1, "per_hour": 1000, "burst": 5}))
-    )
+    cfg.write_text(yaml.safe_dump(pure(rate_limit={"enabled": True, "per_minute": 1, "per_hour": 1000, "burst": 5})))
     procs = [_serve(redis.url, upstream.url, {"OLLAMA_GUARD_CONFIG": str(cfg)}) for _ in range(2)]
     yield [u for _, u in procs]
     for proc, _ in procs:
@@ -156,9 +150,13 @@ def test_memory_backend_caches_per_message_so_old_turns_are_not_rescanned(start_
 
 
 def test_rate_limits_hold_locally_while_redis_is_down_and_return_to_redis(start_proxy, redis):
-    p = start_proxy(**pure(redis={"url": redis.url, "retry_interval": 0.2, "socket_timeout": 0.5},
-                           cache={"backend": "auto"},
-                           rate_limit={"enabled": True, "per_minute": 1, "burst": 3, "backend": "redis"}))
+    p = start_proxy(
+        **pure(
+            redis={"url": redis.url, "retry_interval": 0.2, "socket_timeout": 0.5},
+            cache={"backend": "auto"},
+            rate_limit={"enabled": True, "per_minute": 1, "burst": 3, "backend": "redis"},
+        )
+    )
     assert [chat(p.url, "a").status_code for _ in range(4)] == [200, 200, 200, 429]  # shared bucket in Redis
     redis.kill()
     # Redis gone: no request fails; this replica enforces the same limits with its own bucket.

@@ -92,13 +92,7 @@ def test_long_token_secret_longer_than_the_overlap_is_never_released_in_part(eng
     def b64(obj):
         return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
 
-    jwt = (
-        b64({"alg": "HS256", "typ": "JWT"})
-        + "."
-        + b64({"sub": "user", "data": "x" * 400})
-        + "."
-        + "s1gnatureAbC"
-    )
+    jwt = b64({"alg": "HS256", "typ": "JWT"}) + "." + b64({"sub": "user", "data": "x" * 400}) + "." + "s1gnatureAbC"
     assert len(jwt) > 2 * engine.settings.stream.default_overlap
     text = "Here is the token you asked for: " + jwt + " and some closing words. " * 8
     guard = StreamGuard(engine, engine.settings)

@@ -46,9 +46,7 @@ TOXIC_LABELS = [
 ]
 
 
-def build_classifier(
-    path: Path, labels: list[str], bias: list[float], problem_type: str | None = None
-) -> Path:
+def build_classifier(path: Path, labels: list[str], bias: list[float], problem_type: str | None = None) -> Path:
     import torch
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
@@ -99,9 +97,15 @@ def ner_model(path: Path) -> Path:
     vocab.write_text("\n".join(SPECIAL + WORDS) + "\n")
     tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
     cfg = BertConfig(
-        vocab_size=len(SPECIAL) + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=512, num_labels=len(labels),
-        id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)},
+        vocab_size=len(SPECIAL) + len(WORDS),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
     )
     torch.manual_seed(0)
     model = BertForTokenClassification(cfg)

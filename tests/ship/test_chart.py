@@ -97,8 +97,7 @@ def test_defaults_install_only_the_operator_and_its_crds(helm: str) -> None:
     docs = template(helm)
     kinds = sorted(d["kind"] for d in docs)
     assert kinds == sorted(
-        ["CustomResourceDefinition"] * 3
-        + ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"]
+        ["CustomResourceDefinition"] * 3 + ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"]
     )
     crds = {d["metadata"]["name"] for d in by_kind(docs, "CustomResourceDefinition")}
     assert crds == {
@@ -127,9 +126,7 @@ def test_defaults_install_only_the_operator_and_its_crds(helm: str) -> None:
     sa = one(docs, "ServiceAccount")
     assert pod["spec"]["serviceAccountName"] == sa["metadata"]["name"]
     binding = one(docs, "ClusterRoleBinding")
-    assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "guard"}
-    ]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "guard"}]
     role = one(docs, "ClusterRole")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert role["rules"] == load_yaml(ROOT / "operator" / "ollama_guard_operator" / "rbac.yaml")
@@ -179,9 +176,7 @@ def test_monitoring_pieces_ship_the_deploy_files(helm: str) -> None:
 
     adapter = configmaps["og-ollama-guard-adapter-rules"]
     assert adapter["metadata"]["namespace"] == "monitoring"
-    assert yaml.safe_load(adapter["data"]["config.yaml"]) == load_yaml(
-        ROOT / "deploy/prometheus/adapter-rules.yaml"
-    )
+    assert yaml.safe_load(adapter["data"]["config.yaml"]) == load_yaml(ROOT / "deploy/prometheus/adapter-rules.yaml")
 
 
 def test_operator_ha_values(helm: str) -> None:
@@ -205,9 +200,7 @@ def test_rbac_and_service_account_can_be_left_out(helm: str) -> None:
     docs = template(helm, "no-rbac")
     assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
     assert not by_kind(docs, "ServiceAccount") and not by_kind(docs, "Pod")
-    assert (
-        one(docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "preexisting-operator-sa"
-    )
+    assert one(docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "preexisting-operator-sa"
 
 
 @pytest.mark.parametrize("bad", BAD_VALUES)
@@ -237,14 +230,10 @@ def test_notes_tell_how_to_check_the_operator_and_create_a_guardproxy(tmp_path) 
 
 
 def test_notes_tell_how_to_reach_the_proxy_and_check_autoscaling(tmp_path) -> None:
-    text = notes(
-        tmp_path, "-f", str(VALUES / "guardproxy.yaml"), "--set", "monitoring.adapterRules.enabled=true"
-    )
+    text = notes(tmp_path, "-f", str(VALUES / "guardproxy.yaml"), "--set", "monitoring.adapterRules.enabled=true")
     assert "http://guard.guard.svc:9000" in text
     assert "kubectl -n guard port-forward service/guard 8080:9000" in text
     assert "kubectl -n guard wait guardproxy/guard --for=condition=Ready" in text
     assert "helm test og -n guard" in text
     assert "--set rules.existing=og-ollama-guard-adapter-rules" in text
-    assert (
-        "/apis/custom.metrics.k8s.io/v1beta1/namespaces/guard/pods/*/ollama_guard_requests_per_second" in text
-    )
+    assert "/apis/custom.metrics.k8s.io/v1beta1/namespaces/guard/pods/*/ollama_guard_requests_per_second" in text

@@ -54,9 +54,7 @@ def test_compose_file_references_only_existing_files(path: Path) -> None:
             dockerfile = context / build.get("dockerfile", "Dockerfile")
             assert dockerfile.is_file(), f"{name}: {dockerfile} missing"
             if "target" in build:
-                assert build["target"] in dockerfile_targets(dockerfile), (
-                    f"{name}: no stage {build['target']}"
-                )
+                assert build["target"] in dockerfile_targets(dockerfile), f"{name}: no stage {build['target']}"
         for source in _bind_sources(svc):
             assert (ROOT / source).exists(), f"{name}: bind mount source {source} missing"
         for env_file in svc.get("env_file", []):

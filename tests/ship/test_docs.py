@@ -18,9 +18,7 @@ from .conftest import CHART, ROOT, load_yaml, require, tool
 
 DOC = ROOT / "docs" / "DEPLOY.md"
 E2E = (ROOT / "e2e" / "run_kind.sh").read_text() + (ROOT / "e2e" / "test_chart_cluster.py").read_text()
-EXAMPLES = {
-    load_yaml(p)["metadata"]["name"]: load_yaml(p) for p in (ROOT / "manifests" / "examples").glob("*.yaml")
-}
+EXAMPLES = {load_yaml(p)["metadata"]["name"]: load_yaml(p) for p in (ROOT / "manifests" / "examples").glob("*.yaml")}
 
 
 def commands() -> list[list[str]]:
@@ -114,9 +112,7 @@ def check_kubectl(cmd: list[str]) -> None:
             target = args[args.index("-k") + 1]
             kubectl = require("kubectl")
             assert (
-                subprocess.run(
-                    [kubectl, "kustomize", str(ROOT / target)], capture_output=True, check=False
-                ).returncode
+                subprocess.run([kubectl, "kustomize", str(ROOT / target)], capture_output=True, check=False).returncode
                 == 0
             )
         else:
@@ -130,10 +126,7 @@ def check_kubectl(cmd: list[str]) -> None:
     elif verb == "port-forward":
         assert args[1].removeprefix("service/") in guardproxy_names()
     elif verb == "get" and args[1] == "crd":
-        crds = {
-            load_yaml(p)["metadata"]["name"]
-            for p in (ROOT / "operator/ollama_guard_operator/crds").glob("*.yaml")
-        }
+        crds = {load_yaml(p)["metadata"]["name"] for p in (ROOT / "operator/ollama_guard_operator/crds").glob("*.yaml")}
         assert set(args[2:]) <= crds
     elif verb == "get" and args[1] == "--raw":
         path = args[2]
@@ -207,9 +200,7 @@ def check(cmd: list[str]) -> None:
             # The key the doc reads into KEY just before.
             assert header == "Authorization: Bearer $KEY", header
             assert any(c[0].startswith("KEY=$(") for c in COMMANDS)
-    elif prog == "./run_proxy_macos.sh" or (
-        prog.startswith("PROXY_HOST=") and cmd[1] == "./run_proxy_macos.sh"
-    ):
+    elif prog == "./run_proxy_macos.sh" or (prog.startswith("PROXY_HOST=") and cmd[1] == "./run_proxy_macos.sh"):
         sub = cmd[1] if prog == "./run_proxy_macos.sh" else cmd[2]
         assert (
             f"  {sub})" in (ROOT / "run_proxy_macos.sh").read_text()
@@ -248,9 +239,7 @@ def test_doc_says_mps_is_native_only() -> None:
 
 
 def test_paths_named_in_the_doc_exist() -> None:
-    for path in re.findall(
-        r"`((?:charts|manifests|deploy|docs|e2e|scripts|operator)/[\w./-]+)`", DOC.read_text()
-    ):
+    for path in re.findall(r"`((?:charts|manifests|deploy|docs|e2e|scripts|operator)/[\w./-]+)`", DOC.read_text()):
         assert (ROOT / path.rstrip("/")).exists(), path
     for path in ("Dockerfile", "Dockerfile.macos", "docker-compose.yml", "docker-compose.macos.yml"):
         assert path in DOC.read_text() and (ROOT / path).is_file()

@@ -28,8 +28,7 @@ def test_runner_skips_cleanly_when_docker_has_no_daemon(tmp_path: Path) -> None:
     fake.write_text("#!/bin/sh\necho 'Cannot connect to the Docker daemon' >&2\nexit 1\n")
     fake.chmod(0o755)
     env = {
-        "PATH": f"{tmp_path}:{require('kubectl').rsplit('/', 1)[0]}:{require('helm3').rsplit('/', 1)[0]}:"
-        "/usr/bin:/bin",
+        "PATH": f"{tmp_path}:{require('kubectl').rsplit('/', 1)[0]}:{require('helm3').rsplit('/', 1)[0]}:/usr/bin:/bin",
         "HOME": str(tmp_path),
     }
     if not Path(require("helm3")).with_name("helm").exists():

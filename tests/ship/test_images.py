@@ -157,9 +157,7 @@ def _ignored(rel: str, patterns: list[str]) -> bool:
 @pytest.mark.parametrize("path", [DOCKERFILE, MACOS], ids=lambda p: p.name)
 def test_copied_sources_exist_and_are_in_the_build_context(path: Path) -> None:
     patterns = [
-        p.strip()
-        for p in (ROOT / ".dockerignore").read_text().splitlines()
-        if p.strip() and not p.startswith("#")
+        p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")
     ]
     for stage in parse(path).values():
         for arg in stage.all("COPY"):

@@ -32,9 +32,7 @@ def test_copies_match_their_sources() -> None:
 
 def test_crd_copies_are_the_operator_crds() -> None:
     for copy_dir in (CHART / "crds", MANIFESTS / "crds"):
-        assert sorted(p.name for p in copy_dir.glob("*.yaml")) == sorted(
-            p.name for p in OPERATOR_CRDS.glob("*.yaml")
-        )
+        assert sorted(p.name for p in copy_dir.glob("*.yaml")) == sorted(p.name for p in OPERATOR_CRDS.glob("*.yaml"))
         for crd in OPERATOR_CRDS.glob("*.yaml"):
             assert (copy_dir / crd.name).read_bytes() == crd.read_bytes(), f"{copy_dir / crd.name} is stale"
 

@@ -74,8 +74,7 @@ def test_adapter_rule_serves_the_contract_query_as_the_pods_metric() -> None:
         .replace("<<.Series>>", "ollama_guard_requests_total")
     )
     assert (
-        query.replace("{<<.LabelMatchers>>}", "")
-        == "sum by (namespace, pod) (rate(ollama_guard_requests_total[1m]))"
+        query.replace("{<<.LabelMatchers>>}", "") == "sum by (namespace, pod) (rate(ollama_guard_requests_total[1m]))"
     )
 
 
@@ -154,9 +153,7 @@ def test_every_metric_used_is_declared_by_the_proxy_with_the_contract_type() -> 
 
     metrics = Metrics()
     assert metrics.registry is not None, "PROMETHEUS_MULTIPROC_DIR is set in the test environment"
-    exported = dict(
-        re.findall(r"^# TYPE (ollama_guard_\S+) (\S+)$", generate_latest(metrics.registry).decode(), re.M)
-    )
+    exported = dict(re.findall(r"^# TYPE (ollama_guard_\S+) (\S+)$", generate_latest(metrics.registry).decode(), re.M))
     contract = contract_metrics()
     for name in deploy_metric_names():
         assert exported.get(name) == contract[name], f"{name}: proxy exports {exported.get(name)}"

@@ -313,11 +313,7 @@ class BatchedClassifier:
             j = i
             while j < len(order) and j - i < self.batch_size:
                 length = len(rows[order[j]])
-                if (
-                    j > i
-                    and self.pad_slack is not None
-                    and (j - i + 1) * width > self.pad_slack * (tokens + length)
-                ):
+                if j > i and self.pad_slack is not None and (j - i + 1) * width > self.pad_slack * (tokens + length):
                     break
                 tokens += length
                 j += 1
@@ -529,9 +525,7 @@ def shared_classifier(
         from .onnx_export import onnx_available
 
         if not onnx_available():
-            log.warning(
-                "onnxruntime is not installed: %s runs on torch (pip install 'ollama-guard[onnx]')", model_dir
-            )
+            log.warning("onnxruntime is not installed: %s runs on torch (pip install 'ollama-guard[onnx]')", model_dir)
             use_onnx = False
     key = (
         os.path.realpath(model_dir),
@@ -578,9 +572,7 @@ def close_shared() -> None:
         clf.close()
 
 
-def build_batched(
-    cfg: Any, stype_name: str, direction: str, model_dir: str, ref: Any, device: Any
-) -> Any | None:
+def build_batched(cfg: Any, stype_name: str, direction: str, model_dir: str, ref: Any, device: Any) -> Any | None:
     """A batched scanner for ``cfg``, or None where llm-guard's own class must be used.
 
     The instance follows llm-guard's calling convention for the direction: ``scan(text)`` for input scanners

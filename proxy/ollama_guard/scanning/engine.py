@@ -150,9 +150,7 @@ class ScanEngine:
     async def scan(self, direction: str, text: str, prompt: str = "", vault: Any = None) -> Verdict:
         return (await self.scan_many(direction, [text], prompt, vault))[0]
 
-    async def scan_many(
-        self, direction: str, texts: list[str], prompt: str = "", vault: Any = None
-    ) -> list[Verdict]:
+    async def scan_many(self, direction: str, texts: list[str], prompt: str = "", vault: Any = None) -> list[Verdict]:
         """One verdict per text; cached texts cost a lookup, the rest are scanned concurrently."""
         if self.policy.missing_required():
             raise GuardUnavailable(", ".join(s.name for s in self.policy.missing_required()))
@@ -274,9 +272,7 @@ class ScanEngine:
         try:
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:
-            return text, [
-                ScanResult(s.name, False, 1.0, timeout * 1000.0, s.action, "timeout") for s in scanners
-            ]
+            return text, [ScanResult(s.name, False, 1.0, timeout * 1000.0, s.action, "timeout") for s in scanners]
 
     def _combine(self, text: str, parts: list[tuple[str, list[ScanResult]]]) -> Verdict:
         # The first part holds the sanitizer chain's output when there are sanitizers.

@@ -159,9 +159,7 @@ class Policy:
         return any(s.stype.vault for s in self.all() if s.loaded)
 
 
-def resolve_model(
-    cfg: ScannerConfig, stype: registry.ScannerType, settings: Settings
-) -> tuple[str, ModelRef]:
+def resolve_model(cfg: ScannerConfig, stype: registry.ScannerType, settings: Settings) -> tuple[str, ModelRef]:
     """The directory (or hub id) the weights load from, and the model reference used."""
     ref = cfg.model
     if ref is None and cfg.type in pii.PII_TYPES:

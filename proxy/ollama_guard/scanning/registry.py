@@ -47,9 +47,7 @@ INPUT_TYPES: dict[str, ScannerType] = {
         f"{_IN}.ban_competitors", "BanCompetitors", _model(f"{_IN}.ban_competitors", "MODEL_V1")
     ),
     "BanSubstrings": ScannerType(f"{_IN}.ban_substrings", "BanSubstrings", stream="pattern"),
-    "BanTopics": ScannerType(
-        f"{_IN}.ban_topics", "BanTopics", _model(f"{_IN}.ban_topics", "MODEL_DEBERTA_BASE_V2")
-    ),
+    "BanTopics": ScannerType(f"{_IN}.ban_topics", "BanTopics", _model(f"{_IN}.ban_topics", "MODEL_DEBERTA_BASE_V2")),
     "Code": ScannerType(f"{_IN}.code", "Code", _model(f"{_IN}.code")),
     "Gibberish": ScannerType(f"{_IN}.gibberish", "Gibberish", _model(f"{_IN}.gibberish")),
     "InvisibleText": ScannerType(f"{_IN}.invisible_text", "InvisibleText", stream="pattern", overlap=1),
@@ -71,9 +69,7 @@ OUTPUT_TYPES: dict[str, ScannerType] = {
         f"{_OUT}.ban_competitors", "BanCompetitors", _model(f"{_IN}.ban_competitors", "MODEL_V1")
     ),
     "BanSubstrings": ScannerType(f"{_OUT}.ban_substrings", "BanSubstrings", stream="pattern"),
-    "BanTopics": ScannerType(
-        f"{_OUT}.ban_topics", "BanTopics", _model(f"{_IN}.ban_topics", "MODEL_DEBERTA_BASE_V2")
-    ),
+    "BanTopics": ScannerType(f"{_OUT}.ban_topics", "BanTopics", _model(f"{_IN}.ban_topics", "MODEL_DEBERTA_BASE_V2")),
     "Bias": ScannerType(f"{_OUT}.bias", "Bias", _model(f"{_OUT}.bias")),
     "Code": ScannerType(f"{_OUT}.code", "Code", _model(f"{_IN}.code")),
     "Deanonymize": ScannerType(f"{_OUT}.deanonymize", "Deanonymize", stream="pattern", vault=True),
@@ -97,12 +93,8 @@ OUTPUT_TYPES: dict[str, ScannerType] = {
         answer_only=True,
     ),
     "MaliciousURLs": ScannerType(f"{_OUT}.malicious_urls", "MaliciousURLs", _model(f"{_OUT}.malicious_urls")),
-    "NoRefusal": ScannerType(
-        f"{_OUT}.no_refusal", "NoRefusal", _model(f"{_OUT}.no_refusal"), answer_only=True
-    ),
-    "NoRefusalLight": ScannerType(
-        f"{_OUT}.no_refusal", "NoRefusalLight", stream="pattern", answer_only=True
-    ),
+    "NoRefusal": ScannerType(f"{_OUT}.no_refusal", "NoRefusal", _model(f"{_OUT}.no_refusal"), answer_only=True),
+    "NoRefusalLight": ScannerType(f"{_OUT}.no_refusal", "NoRefusalLight", stream="pattern", answer_only=True),
     "ReadingTime": ScannerType(f"{_OUT}.reading_time", "ReadingTime", stream="final", answer_only=True),
     "Regex": ScannerType(f"{_OUT}.regex", "Regex", stream="pattern"),
     "Relevance": ScannerType(

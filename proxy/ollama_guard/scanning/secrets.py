@@ -211,10 +211,7 @@ class Secrets(_LLMGuardSecrets):
         finally:
             os.remove(path)
         values = {
-            str(found.secret_value)
-            for name in collection.files
-            for found in collection[name]
-            if found.secret_value
+            str(found.secret_value) for name in collection.files for found in collection[name] if found.secret_value
         }
         # Longest first, so a value that contains another is replaced whole.
         return sorted(values, key=len, reverse=True)

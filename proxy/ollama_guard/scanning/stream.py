@@ -48,9 +48,7 @@ class StreamGuard:
     text in a stream (the answer, or the model's thinking). A ``side`` guard watches text that is not the
     answer itself (thinking, tool-call arguments): every output scanner but the answer-only ones."""
 
-    def __init__(
-        self, engine: ScanEngine, settings: Settings, prompt: str = "", vault: Any = None, side: bool = False
-    ):
+    def __init__(self, engine: ScanEngine, settings: Settings, prompt: str = "", vault: Any = None, side: bool = False):
         self.engine = engine
         self.prompt = prompt
         self.vault = vault

@@ -267,9 +267,7 @@ class FakeOllama:
         parts.append({**base, "created_at": _created_at(), "response": "", "done": True, **final})
         return await self._ndjson(request, parts, float(opts.get("fake_delay_ms", 0)))
 
-    async def _ndjson(
-        self, request: web.Request, parts: list[dict[str, Any]], delay_ms: float
-    ) -> web.StreamResponse:
+    async def _ndjson(self, request: web.Request, parts: list[dict[str, Any]], delay_ms: float) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
         try:
@@ -308,9 +306,7 @@ class FakeOllama:
             if m.get("role") != "user":
                 continue
             c = m.get("content")
-            users.append(
-                c if isinstance(c, str) else " ".join(p.get("text", "") for p in c if p.get("type") == "text")
-            )
+            users.append(c if isinstance(c, str) else " ".join(p.get("text", "") for p in c if p.get("type") == "text"))
         sc = Script(users[-1] if users else "")
         answer = sc.answer
         now = int(time.time())
@@ -358,9 +354,7 @@ class FakeOllama:
             {
                 **base,
                 "object": "chat.completion.chunk",
-                "choices": [
-                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": finish}
-                ],
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": finish}],
             }
         )
         return await self._sse(request, events)
@@ -430,9 +424,7 @@ class FakeOllama:
         return web.json_response(
             {
                 "object": "list",
-                "data": [
-                    {"id": "llama3.2:latest", "object": "model", "created": 1735689600, "owned_by": "library"}
-                ],
+                "data": [{"id": "llama3.2:latest", "object": "model", "created": 1735689600, "owned_by": "library"}],
             }
         )
 

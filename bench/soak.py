@@ -1,4 +1,5 @@
 """Soak: many concurrent guarded streams, a third of the clients walking away mid-stream, for a bounded time.
+Half the streams come from a "reasoning model": thinking first, then the answer, some ending in a tool call.
 
 Prints requests done, failures (5xx or broken framing), the proxy's RSS and open sockets before and after,
 and how many upstream streams were cut short. Never asserts; a leak shows as growing RSS or sockets.
@@ -31,6 +32,10 @@ async def client(url: str, stop_at: float, stats: dict[str, int], rng: random.Ra
         while time.monotonic() < stop_at:
             words = rng.randint(20, 400)
             content = f"REPEAT {words}: word{rng.random()} "
+            if rng.random() < 0.5:  # a reasoning model: thoughts first, a tool call at the end now and then
+                thoughts = " ".join(f"step{i}" for i in range(rng.randint(10, 150)))
+                tool = ' || TOOL: lookup {"q": "x"}' if rng.random() < 0.3 else ""
+                content = f"THINK: {thoughts} || {content}{tool}"
             body = {
                 "model": "m",
                 "messages": [{"role": "user", "content": content}],

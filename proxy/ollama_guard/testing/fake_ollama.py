@@ -275,7 +275,10 @@ class FakeOllama:
                 await resp.write(orjson.dumps(p) + b"\n")
                 if delay_ms:
                     await asyncio.sleep(delay_ms / 1000)
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:  # the proxy closed the stream (its client left, or the guard stopped it)
+            self.closed_early += 1
+            return resp
+        except asyncio.CancelledError:
             self.closed_early += 1
             raise
         await resp.write_eof()
@@ -401,7 +404,10 @@ class FakeOllama:
             for e in events:
                 await resp.write(b"data: " + orjson.dumps(e) + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:  # the proxy closed the stream (its client left, or the guard stopped it)
+            self.closed_early += 1
+            return resp
+        except asyncio.CancelledError:
             self.closed_early += 1
             raise
         await resp.write_eof()

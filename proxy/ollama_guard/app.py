@@ -478,7 +478,7 @@ class Handlers:
         earlier: Sequence[Verdict] = (),
     ) -> Response:
         s = self.st.settings
-        names = sorted({n for v in verdicts for n in v.blocked_by})
+        names = sorted({n for v in verdicts for n in (v.blocked_by or v.fired)})
         errored = any(v.error for v in verdicts) and not any(
             not r.valid and r.error is None and r.action == "block" for v in verdicts for r in v.results
         )

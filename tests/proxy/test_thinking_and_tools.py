@@ -233,3 +233,22 @@ def test_a_chunk_with_thinking_content_and_the_end_splits_in_order():
     assert parts[2][2] == {**chunk, "message": {**chunk["message"], "thinking": "", "content": ""}}
     assert "done_reason" not in parts[0][2] and "eval_count" not in parts[1][2]
     assert chunk["message"]["thinking"] == "t"  # the original is left as it was
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_call_whose_redaction_breaks_its_json_is_refused_not_sent_broken(start_proxy, stream):
+    # A redacting Regex that eats a quote: the sanitized arguments are no longer JSON, so no call goes out.
+    redact_quoted_key = {
+        "type": "Regex",
+        "action": "sanitize",
+        "params": {"patterns": ['"aws_key"'], "is_blocked": True, "redact": True},
+    }
+    p = start_proxy(input_scanners=[], output_scanners=[redact_quoted_key])
+    script = 'REPLY: Deploying. || TOOL: deploy {"aws_key": "abc"}'
+    r = httpx.post(p.url + "/api/chat", json=body_for("/api/chat", script, stream))
+    got = received("/api/chat", r.content, stream)
+    assert got["tools"] == [] and b"deploy" not in r.content
+    if stream:
+        assert orjson.loads(r.content.strip().splitlines()[-1])["done_reason"] == "guard_blocked"
+    else:
+        assert r.status_code == 403 and r.headers["x-guard-decision"] == "blocked; scanners=Regex"

@@ -75,6 +75,27 @@ def test_openai_chat_streaming_and_not(proxy):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+@pytest.mark.parametrize("answer", ["streamed answer", f"the key {AWS} is redacted"], ids=["clean", "redacted"])
+def test_openai_stream_usage_chunk_arrives_last(start_proxy, answer):
+    """stream_options.include_usage: Ollama ends with a chunk that has usage and no choices; it comes through
+    last, whether the chunks went out as sent or were rebuilt after a redaction."""
+    # No Secrets on input here, so the key reaches the fake model and comes back in its answer.
+    p = start_proxy(**{**pure(), "input_scanners": []})
+    client = openai.OpenAI(base_url=p.url + "/v1", api_key="unused")
+    chunks = list(
+        client.chat.completions.create(
+            model="llama3.2",
+            stream=True,
+            stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": f"REPLY: {answer}"}],
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == answer.replace(AWS, "******")
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens > 0
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
 def test_openai_completions_embeddings_models(proxy):
     client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="unused")
     assert client.completions.create(model="llama3.2", prompt="REPLY: done").choices[0].text == "done"

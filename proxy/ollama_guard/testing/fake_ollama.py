@@ -360,6 +360,10 @@ class FakeOllama:
                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": finish}],
             }
         )
+        if (body.get("stream_options") or {}).get("include_usage"):  # as Ollama: a last chunk, no choices
+            usage = {"prompt_tokens": 10, "completion_tokens": len(answer) // 4 + 1}
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            events.append({**base, "object": "chat.completion.chunk", "choices": [], "usage": usage})
         return await self._sse(request, events)
 
     async def oa_completions(self, request: web.Request) -> web.StreamResponse:

@@ -268,11 +268,17 @@ class FakeOllama:
         return await self._ndjson(request, parts, float(opts.get("fake_delay_ms", 0)))
 
     async def _ndjson(self, request: web.Request, parts: list[dict[str, Any]], delay_ms: float) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        frames = [orjson.dumps(p) + b"\n" for p in parts]
+        return await self._stream(request, "application/x-ndjson", frames, delay_ms)
+
+    async def _stream(
+        self, request: web.Request, content_type: str, frames: list[bytes], delay_ms: float = 0
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": content_type})
         await resp.prepare(request)
         try:
-            for p in parts:
-                await resp.write(orjson.dumps(p) + b"\n")
+            for frame in frames:
+                await resp.write(frame)
                 if delay_ms:
                     await asyncio.sleep(delay_ms / 1000)
         except ConnectionResetError:  # the proxy closed the stream (its client left, or the guard stopped it)
@@ -402,20 +408,8 @@ class FakeOllama:
         return await self._sse(request, events)
 
     async def _sse(self, request: web.Request, events: list[dict[str, Any]]) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        try:
-            for e in events:
-                await resp.write(b"data: " + orjson.dumps(e) + b"\n\n")
-            await resp.write(b"data: [DONE]\n\n")
-        except ConnectionResetError:  # the proxy closed the stream (its client left, or the guard stopped it)
-            self.closed_early += 1
-            return resp
-        except asyncio.CancelledError:
-            self.closed_early += 1
-            raise
-        await resp.write_eof()
-        return resp
+        frames = [b"data: " + orjson.dumps(e) + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
+        return await self._stream(request, "text/event-stream", frames)
 
     async def oa_embeddings(self, request: web.Request) -> web.Response:
         body = await self._body(request)

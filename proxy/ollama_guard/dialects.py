@@ -119,11 +119,6 @@ def chunk_parts(route: Route, obj: Any) -> list[tuple[str, str]]:
     return out
 
 
-def chunk_text(route: Route, obj: Any) -> str | None:
-    """The answer text (content) a response or stream chunk carries, or None where it carries none."""
-    return next((t for ch, t in chunk_parts(route, obj) if ch == CONTENT), None)
-
-
 def tool_calls(route: Route, obj: Any) -> list[Any]:
     holder = _holder(route, obj)
     calls = holder.get("tool_calls") if holder is not None else None
@@ -269,20 +264,11 @@ def stopped_stream_tail(
         final.update({"done": True, "done_reason": "guard_blocked", "guard": {"blocked_by": scanners}})
         out.append(encode_ndjson(final))
         return out
-    tmpl = {
-        k: v for k, v in (template or {}).items() if k in ("id", "object", "created", "model", "system_fingerprint")
-    }
-    tmpl.setdefault("model", model)
+    base = text_template(route, template or {}, model)
     if message:
-        text_chunk = with_text(
-            route,
-            {**tmpl, "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]},
-            message,
-        )
-        if route.kind != "chat":
-            text_chunk = {**tmpl, "choices": [{"index": 0, "text": message, "finish_reason": None}]}
+        text_chunk = with_text(route, base, message)
         end = {
-            **tmpl,
+            **{k: v for k, v in base.items() if k != "choices"},
             "choices": [
                 {
                     "index": 0,

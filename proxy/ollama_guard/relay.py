@@ -135,10 +135,13 @@ class GuardedStream:
         return sum(g.scanned_chars for g in self.guards)
 
     # ---- segments ----------------------------------------------------------------------------------------
+    def _guard(self, side: bool) -> StreamGuard:
+        guard = self.new_guard(side)
+        self.guards.append(guard)  # every guard's results go into the audit record
+        return guard
+
     def _segment(self, kind: str) -> _Segment:
-        guard = self.new_guard(kind != CONTENT)
-        self.guards.append(guard)
-        return _Segment(kind, guard)
+        return _Segment(kind, self._guard(kind != CONTENT))
 
     def _encode(self, obj: Any) -> bytes:
         return encode_ndjson(obj) if self.route.dialect == OLLAMA else encode_sse(obj)
@@ -223,8 +226,7 @@ class GuardedStream:
         out = await self._finish()
         if self.violation is not None:
             return []
-        guard = self.new_guard(True)
-        self.guards.append(guard)
+        guard = self._guard(side=True)
         texts = tool_call_texts(self.route, obj)
         verdicts = [await guard.scan_whole(t) if t else None for t in texts]
         for v in verdicts:

@@ -72,8 +72,11 @@ class StreamGuard:
 
     async def scan_whole(self, text: str) -> Verdict:
         """Every scanner of this guard on one complete text (a tool call's arguments), outside the stream."""
-        self.scanned_chars += len(text) * len(self.scanners)
-        verdict = await self.engine.scan_window(self.scanners, text, self.prompt, self.vault)
+        return await self._run(self.scanners, text)
+
+    async def _run(self, scanners: list[GuardScanner], text: str) -> Verdict:
+        self.scanned_chars += len(text) * len(scanners)
+        verdict = await self.engine.scan_window(scanners, text, self.prompt, self.vault)
         self.results.extend(verdict.results)
         return verdict
 
@@ -188,10 +191,7 @@ class StreamGuard:
     async def _scan(
         self, scanners: list[GuardScanner], start: int, end: int, sanitize_ok: bool = True
     ) -> Verdict | None:
-        window = self.text[start:end]
-        self.scanned_chars += len(window) * len(scanners)
-        verdict = await self.engine.scan_window(scanners, window, self.prompt, self.vault)
-        self.results.extend(verdict.results)
+        verdict = await self._run(scanners, self.text[start:end])
         if verdict.blocked:
             return verdict
         if verdict.sanitized:

@@ -25,6 +25,7 @@ from test_operator_handlers import (  # noqa: E402
     GP,
     NS,
     SPEC,
+    assert_settled,
     create,
     eventually,
     gp_status,
@@ -352,13 +353,5 @@ async def test_drift_timer_reverts_a_hand_edited_image_then_writes_nothing(kmock
         assert repaired == ["repaired drift in Deployment/guard-cpu: spec.template.spec.containers[proxy].image"]
 
         # Settled again: further timer passes over an unedited object write nothing.
-        def passes() -> int:
-            return len([p for m, p in kmock.log if p.endswith("/deployments") and "GET" in m])
-
-        start = passes()
-        await eventually(lambda: passes() >= start + 1, "a drift-timer pass after the repair")
-        settled = len(kmock.writes)
-        before = passes()
-        await eventually(lambda: passes() >= before + 2, "two more drift-timer passes")
-        assert kmock.writes[settled:] == [], kmock.bodies[settled:]
+        await assert_settled(kmock)
         assert _image(kmock) == image

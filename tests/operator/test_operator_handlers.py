@@ -45,6 +45,21 @@ async def eventually(check: Callable[[], Any], what: str, within: float = DEADLI
         await asyncio.sleep(0.02)
 
 
+def timer_passes(kmock: ApiServer) -> int:
+    """Drift-timer passes so far: each one lists the Deployments."""
+    return len([p for m, p in kmock.log if p.endswith("/deployments") and "GET" in m])
+
+
+async def assert_settled(kmock: ApiServer) -> None:
+    """Once the next drift-timer pass is over, two more passes write nothing."""
+    first = timer_passes(kmock)
+    await eventually(lambda: timer_passes(kmock) >= first + 1, "a drift-timer pass")
+    settled = len(kmock.writes)
+    before = timer_passes(kmock)
+    await eventually(lambda: timer_passes(kmock) >= before + 2, "two more drift-timer passes")
+    assert kmock.writes[settled:] == [], kmock.bodies[settled:]
+
+
 def _resource_key(res: Any) -> str:
     return "/".join(p for p in (res.group, res.version, res.plural) if p)
 
@@ -166,16 +181,8 @@ async def test_noop_reconcile_writes_nothing(kmock: ApiServer) -> None:
         await eventually(lambda: gp_status(kmock).get("observedGeneration") == 1, "first reconcile")
         # Let the drift timer run at least twice over a settled object: it must write nothing.
 
-        def passes() -> int:
-            return len([p for m, p in kmock.log if p.endswith("/deployments") and "GET" in m])
-
         await eventually(lambda: handled(kmock), "kopf's handling cycle done")
-        first = passes()
-        await eventually(lambda: passes() >= first + 1, "a drift-timer pass after the reconcile")
-        settled = len(kmock.writes)
-        before = passes()
-        await eventually(lambda: passes() >= before + 2, "two more drift-timer passes")
-        assert kmock.writes[settled:] == [], kmock.bodies[settled:]
+        await assert_settled(kmock)
 
 
 async def test_update_patches_children_and_disabling_a_variant_deletes_it(kmock: ApiServer) -> None:

@@ -179,9 +179,8 @@ async def test_noop_reconcile_writes_nothing(kmock: ApiServer) -> None:
     async with running_operator(kmock):
         await create(kmock, GP, "guard", SPEC)
         await eventually(lambda: gp_status(kmock).get("observedGeneration") == 1, "first reconcile")
-        # Let the drift timer run at least twice over a settled object: it must write nothing.
-
         await eventually(lambda: handled(kmock), "kopf's handling cycle done")
+        # Let the drift timer run at least twice over a settled object: it must write nothing.
         await assert_settled(kmock)
 
 

@@ -440,10 +440,9 @@ class Handlers:
         engine = self.st.engine
         assert engine is not None
         side = side_scanners(engine)
-        calls = tool_call_texts(route, obj)
+        calls = tool_call_texts(route, obj) if side else []  # no scanner watches anything but the answer
         targets = [(ch, t) for ch, t in chunk_parts(route, obj) if ch == CONTENT or side]
-        if side:
-            targets += [("tool", t) for t in calls if t]
+        targets += [("tool", t) for t in calls if t]
 
         async def scan(channel: str, text: str) -> Verdict:
             if channel == CONTENT:
@@ -458,7 +457,7 @@ class Handlers:
             if v.sanitized and ch != "tool":
                 answer = with_text(route, answer, v.text, ch)
         tool_verdicts = iter(v for (ch, _), v in zip(targets, verdicts, strict=True) if ch == "tool")
-        new_calls = [next(tool_verdicts).text if t and side else t for t in calls]
+        new_calls = [next(tool_verdicts).text if t else t for t in calls]
         if new_calls != calls:
             rewritten = with_tool_call_texts(route, answer, new_calls)
             if rewritten is None:  # sanitized arguments that no longer parse cannot be sent

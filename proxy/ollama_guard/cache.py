@@ -123,9 +123,6 @@ class VerdictCache(RedisBacked):
     def fallbacks(self) -> int:
         return self.state.fallbacks
 
-    def _use_redis(self) -> bool:
-        return self.redis is not None and self.state.should_try()
-
     def _report_backend(self) -> None:
         if self.metrics is not None:
             self.metrics.cache_backend(self.backend)

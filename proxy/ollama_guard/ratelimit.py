@@ -149,7 +149,7 @@ class RateLimiter(RedisBacked):
         )
 
     async def take(self, client: str, limits: Limits) -> Decision:
-        if self.redis is not None and self.state.should_try():
+        if self._use_redis():
             try:
                 ttl = max(60, math.ceil(limits.per_hour / limits.rate2))
                 allowed, a, b = await self._script(

@@ -57,3 +57,6 @@ class RedisBacked:
     @property
     def redis_errors(self) -> int:
         return self.state.errors
+
+    def _use_redis(self) -> bool:
+        return self.redis is not None and self.state.should_try()

@@ -63,6 +63,8 @@ FROM runtime AS operator
 LABEL org.opencontainers.image.title="ollama-guard-operator" \
       org.opencontainers.image.description="Kubernetes operator for ollama-guard (GuardProxy, ScanNode)"
 COPY --from=build-operator /opt/venv /opt/venv
+# kopf calls getpass.getuser() unless POD_ID is set; a uid without a passwd entry (OpenShift) has no name.
+ENV USER=ollama-guard-operator
 USER 10001:10001
 EXPOSE 8081
 # kopf's liveness endpoint (ollama-guard-operator --liveness, default http://0.0.0.0:8081/healthz).

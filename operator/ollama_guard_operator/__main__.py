@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import logging
 import os
 import sys
+from typing import Any
 
 import kopf
 import kubernetes
@@ -17,7 +19,8 @@ log = logging.getLogger("ollama_guard_operator")
 
 
 def ensure_peering(cfg: kubernetes.client.Configuration) -> bool:
-    """Create the ClusterKopfPeering object that replicas coordinate through; False when its CRD is absent."""
+    """Create the ClusterKopfPeering object that replicas coordinate through; False when that cannot be
+    done (its CRD is absent, or we may not create it): the operator then runs standalone."""
     api = kubernetes.client.CustomObjectsApi(kubernetes.client.ApiClient(cfg))
     body = {
         "apiVersion": "kopf.dev/v1",
@@ -55,17 +58,37 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO)
 
+    _ensure_user()
     cfg = load_configuration()
     handlers.use_configuration(cfg)
     standalone = args.standalone or not ensure_peering(cfg)
-    kopf.run(
-        clusterwide=not args.namespace,
-        namespaces=args.namespace or (),
-        standalone=standalone,
-        peering_name=handlers.PEERING_NAME,
-        liveness_endpoint=args.liveness,
-    )
+    if standalone:
+        log.info("running standalone: no peering with other replicas")
+    kopf.run(**run_options(args.namespace, standalone, args.liveness))
     return 0
+
+
+def run_options(namespaces: list[str] | None, standalone: bool, liveness: str) -> dict[str, Any]:
+    """kopf.run's arguments. A peering name given to kopf makes peering mandatory (kopf pauses until its
+    peering object exists), so it is passed only when peering is wanted; handlers.startup names it too."""
+    options: dict[str, Any] = {
+        "clusterwide": not namespaces,
+        "namespaces": namespaces or (),
+        "standalone": standalone,
+        "liveness_endpoint": liveness,
+    }
+    if not standalone:
+        options["peering_name"] = handlers.PEERING_NAME
+    return options
+
+
+def _ensure_user() -> None:
+    """kopf names its peering identity after getpass.getuser() unless POD_ID is set, and getpass fails for
+    a uid without a passwd entry (OpenShift's arbitrary uids): give it a name to use."""
+    try:
+        getpass.getuser()
+    except (KeyError, OSError):
+        os.environ["USER"] = f"uid-{os.getuid()}"
 
 
 if __name__ == "__main__":

@@ -1,5 +1,11 @@
 """Make the cluster match the desired children: create, patch what changed, delete what is no longer desired.
 
+Every write of a child is a server-side apply under one field manager, creation included, so the API server
+removes a field that an earlier apply set and the desired manifest no longer has (a Redis URL once Redis is
+off, an API-key volume once auth is off). A field set by a POST or merge patch belongs to an `Update` entry
+of the same manager name, which an apply never prunes (shared/k8s-real/03a): children an older operator
+created that way have that entry dropped once, before their next apply (`adopt_fields`).
+
 Each applied object carries a hash of its desired manifest. An object is re-applied when that hash differs
 (the GuardProxy changed) or when the live object no longer says what we set (`drifted`: someone edited a
 field by hand); otherwise it is left alone, so a reconcile with nothing to change writes nothing.
@@ -19,7 +25,7 @@ from typing import Any
 from kubernetes.utils import parse_quantity
 
 from .builders import ANN_CREATE_ONLY, GROUP, content_hash
-from .kube import Kube, NotFound
+from .kube import FIELD_MANAGER, Kube, NotFound
 
 ANN_HASH = f"{GROUP}/applied-hash"
 
@@ -187,6 +193,59 @@ def drifted(desired: dict[str, Any], live: dict[str, Any]) -> str | None:
     return _diff(want, live, "", ())
 
 
+def update_entries(live: dict[str, Any]) -> list[int]:
+    """Indexes of `live`'s managedFields entries that our manager wrote by POST/PATCH (operation Update)."""
+    return [
+        i
+        for i, entry in enumerate((live.get("metadata") or {}).get("managedFields") or [])
+        if entry.get("manager") == FIELD_MANAGER and entry.get("operation") == "Update" and not entry.get("subresource")
+    ]
+
+
+def _union(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _union(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+    return out
+
+
+async def adopt_fields(kube: Kube, live: dict[str, Any]) -> None:
+    """Move the fields our manager owns through Update entries (children an older operator POSTed) into
+    its Apply entry, so the next apply owns, and can prune, every field we ever set; kubectl's
+    client-side-to-server-side upgrade (csaupgrade) does the same. The write is guarded by the object's
+    resourceVersion: a concurrent change fails it (422) and the next pass tries again.
+
+    A write that sets managedFields is taken as given by the API server (Kubernetes docs, Server-Side
+    Apply, "Clearing managedFields")."""
+    entries = list((live.get("metadata") or {}).get("managedFields") or [])
+    ours = set(update_entries(live)) | {
+        i
+        for i, e in enumerate(entries)
+        if e.get("manager") == FIELD_MANAGER and e.get("operation") == "Apply" and not e.get("subresource")
+    }
+    if not ours - {i for i, e in enumerate(entries) if e.get("operation") == "Apply"}:
+        return
+    fields: dict[str, Any] = {}
+    for i in sorted(ours):
+        fields = _union(fields, entries[i].get("fieldsV1") or {})
+    kept = [e for i, e in enumerate(entries) if i not in ours]
+    kept.append(
+        {
+            "manager": FIELD_MANAGER,
+            "operation": "Apply",
+            "apiVersion": live["apiVersion"],
+            "fieldsType": "FieldsV1",
+            "fieldsV1": fields,
+        }
+    )
+    meta = live["metadata"]
+    ops = [
+        {"op": "test", "path": "/metadata/resourceVersion", "value": meta.get("resourceVersion")},
+        {"op": "replace", "path": "/metadata/managedFields", "value": kept},
+    ]
+    await kube.json_patch(live["apiVersion"], live["kind"], meta.get("namespace"), meta["name"], ops)
+
+
 async def apply_kind(
     kube: Kube,
     api_version: str,
@@ -208,10 +267,17 @@ async def apply_kind(
         current = existing.get(name)
         key = (kind, name)
         if current is None:
-            out.live[key] = await kube.create(stamped(obj))
+            create_only = (obj["metadata"].get("annotations") or {}).get(ANN_CREATE_ONLY) == "true"
+            # A create-only child (a generated password, a one-off Job) is POSTed: never overwritten if
+            # another writer made it first. Those are never re-applied, so their Update entry is harmless.
+            out.live[key] = await (kube.create if create_only else kube.apply)(stamped(obj))
             out.created.append(f"{kind}/{name}")
         elif (current["metadata"].get("annotations") or {}).get(ANN_CREATE_ONLY) == "true":
             out.live[key] = current
+        elif update_entries(current):
+            await adopt_fields(kube, current)
+            out.live[key] = await kube.apply(stamped(obj))
+            out.updated.append(f"{kind}/{name}")
         elif (current["metadata"].get("annotations") or {}).get(ANN_HASH) != content_hash(obj):
             out.live[key] = await kube.apply(stamped(obj))
             out.updated.append(f"{kind}/{name}")

@@ -94,6 +94,15 @@ def owned_selector(owner: Owner) -> str:
     return f"app.kubernetes.io/managed-by={MANAGER},{LABEL_GUARDPROXY}={owner.name}"
 
 
+def scan_slices_selector(owner: Owner) -> str:
+    """The label selector that finds this GuardProxy's ScanNode EndpointSlices and nothing else.
+
+    kube-controller-manager copies a Service's labels onto the EndpointSlices it makes for it
+    (shared/k8s-real/02-list-endpointslices-*), so `owned_selector` also matches the slices of our own
+    Services; selecting on `endpointslice.kubernetes.io/managed-by` keeps those out of our hands."""
+    return f"endpointslice.kubernetes.io/managed-by={MANAGER},{LABEL_GUARDPROXY}={owner.name}"
+
+
 def _meta(owner: Owner, name: str, component: str, variant: str | None = None, **extra: Any) -> dict[str, Any]:
     return {
         "name": name,

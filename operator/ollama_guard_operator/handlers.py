@@ -4,13 +4,23 @@
   recreated, hand-edited fields re-applied: see apply.drifted).
 - ScanNode: a timer probes /health and records the result in status; any ScanNode event re-syncs the
   GuardProxy's EndpointSlices, so a node joins or leaves the Service as its health flips or it is deleted.
+- A liveness probe: /healthz fails while the API server cannot be reached or refuses our credentials.
+
+No finalizer: children go with their GuardProxy through owner references (the API server's garbage
+collector), so nothing needs the operator at deletion time, and `helm uninstall` or a namespace deletion
+that removes the operator together with its GuardProxies leaves nothing stuck (a finalizer whose
+controller is gone keeps the object and its namespace Terminating: shared/k8s-real/07). kopf puts a
+finalizer on anything a timer watches, so the timers are registered without one (`_timer_without_finalizer`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import datetime
 import os
 import random
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -19,12 +29,15 @@ import kubernetes
 
 from . import reconcile, status
 from .builders import GROUP, VERSION
-from .kube import ApiError, Kube, load_configuration
+from .kube import ApiError, Kube, bearer_token, load_configuration
 from .probe import probe
 from .spec import InvalidSpec, parse_scannode
 
 DRIFT_SECONDS = float(os.environ.get("OLLAMA_GUARD_OPERATOR_DRIFT_SECONDS", "60"))
 PROBE_SECONDS = float(os.environ.get("OLLAMA_GUARD_OPERATOR_PROBE_SECONDS", "10"))
+# A ScanNode's status is written when its health, counters or message change, and at least this often
+# (lastProbeTime), not on every probe: a settled cluster sees no writes between heartbeats.
+HEARTBEAT_SECONDS = float(os.environ.get("OLLAMA_GUARD_OPERATOR_HEARTBEAT_SECONDS", "300"))
 PEERING_NAME = "ollama-guard-operator"
 
 _configuration: kubernetes.client.Configuration | None = None
@@ -45,12 +58,15 @@ def _config() -> kubernetes.client.Configuration:
 
 @kopf.on.login()
 def login(**_: Any) -> kopf.ConnectionInfo:
+    """kopf's credentials, from the same configuration as our client: client certificates, or the bearer
+    token of a kubeconfig, an exec plugin or the in-cluster ServiceAccount (re-read on kopf's re-login
+    after a 401, so a rotated token is picked up)."""
     cfg = _config()
-    token = str(cfg.get_api_key_with_prefix("authorization") or "")
-    scheme, _sep, credential = token.partition(" ")
+    scheme, _sep, credential = (bearer_token(cfg) or "").partition(" ")
+    tls = str(cfg.host).startswith("https")
     return kopf.ConnectionInfo(
         server=cfg.host,
-        ca_path=cfg.ssl_ca_cert,
+        ca_path=cfg.ssl_ca_cert if tls else None,
         insecure=not cfg.verify_ssl,
         certificate_path=cfg.cert_file,
         private_key_path=cfg.key_file,
@@ -73,6 +89,16 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.watching.server_timeout = 300
     memo.kube = Kube(_config())
     memo.http = aiohttp.ClientSession()
+
+
+@kopf.on.probe(id="api", errors=kopf.ErrorsMode.PERMANENT)
+async def api_reachable(memo: kopf.Memo, **_: Any) -> str:
+    """Liveness: the API server answers within 5 s and lets us read our own resources. Any failure (a
+    refused connection, a timeout, 401, 403) fails /healthz with a 500 at once: no retry inside a probe."""
+    await asyncio.wait_for(
+        memo.kube.request("GET", "/apis/ollama-guard.io/v1alpha1/guardproxies", params={"limit": "1"}), 5
+    )
+    return "ok"
 
 
 @kopf.on.cleanup()
@@ -149,6 +175,19 @@ async def reconcile_guardproxy(
     await _reconcile(body, patch, memo, logger, retry)
 
 
+def _timer_without_finalizer(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Register the timer just decorated by kopf without the finalizer kopf gives every timer (it exists to
+    stop the timer before the object goes; kopf stops it on the deletion event anyway, and a pass that
+    races the deletion only writes children the garbage collector removes)."""
+    spawning = kopf.get_default_registry()._spawning  # kopf has no public switch for this
+    spawning._handlers = [
+        dataclasses.replace(h, requires_finalizer=False) if getattr(h, "fn", None) is fn else h
+        for h in spawning._handlers
+    ]
+    return fn
+
+
+@_timer_without_finalizer
 @kopf.timer(GROUP, VERSION, "guardproxies", interval=DRIFT_SECONDS, initial_delay=DRIFT_SECONDS)
 async def repair_drift(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Any, **_: Any) -> None:
     ready = status.get_condition(body.get("status"), status.READY)
@@ -161,6 +200,7 @@ async def repair_drift(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logg
         return  # status says why; the timer must not loop on it
 
 
+@_timer_without_finalizer
 @kopf.timer(GROUP, VERSION, "scannodes", interval=PROBE_SECONDS)
 async def probe_scannode(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     raw = dict(body)
@@ -178,13 +218,15 @@ async def probe_scannode(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **
         "healthy": healthy,
         "device": result.device or old.get("device"),
         "version": result.version or old.get("version"),
-        "lastProbeTime": status.now(),
-        "latencyMs": result.latency_ms,
         "consecutiveFailures": failures,
         "consecutiveSuccesses": successes,
         "message": result.message,
         "observedGeneration": raw.get("metadata", {}).get("generation"),
     }
+    if all(old.get(k) == v for k, v in new.items() if v is not None) and not _heartbeat_due(old):
+        return  # nothing changed: no write (latency alone is not worth one)
+    new["lastProbeTime"] = status.now()
+    new["latencyMs"] = result.latency_ms
     if old.get("healthy") is not None and old.get("healthy") != healthy:
         kopf.event(
             _obj(raw),
@@ -193,6 +235,17 @@ async def probe_scannode(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **
             message=result.message,
         )
     patch.status.update({k: v for k, v in new.items() if v is not None})
+
+
+def _heartbeat_due(old: dict[str, Any]) -> bool:
+    last = old.get("lastProbeTime")
+    if not last:
+        return True
+    try:
+        then = datetime.datetime.fromisoformat(str(last).replace("Z", "+00:00"))
+    except ValueError:
+        return True
+    return (datetime.datetime.now(datetime.UTC) - then).total_seconds() >= HEARTBEAT_SECONDS
 
 
 @kopf.on.event(GROUP, VERSION, "scannodes")

@@ -24,6 +24,9 @@ async def running_operator(
     configuration; yields once kopf is ready and stops it on exit. `graceful=False` cancels at once,
     without waiting for timers (for an API server that goes away with the test)."""
     handlers.use_configuration(cfg)
+    # kopf cancels every task of the loop still running when it stops ("the loop is not fully ours"),
+    # unless told to ignore it: the host program's tasks (a server, the test's own) must survive.
+    host_tasks = asyncio.all_tasks()
     stop, ready = asyncio.Event(), asyncio.Event()
     scope: dict[str, Any] = {"namespaces": list(namespaces)} if namespaces else {"clusterwide": True}
     tasks = await kopf.spawn_tasks(
@@ -34,7 +37,7 @@ async def running_operator(
         memo=kopf.Memo(),
         **scope,
     )
-    runner = asyncio.create_task(kopf.run_tasks(tasks, ignored=set()))
+    runner = asyncio.create_task(kopf.run_tasks(tasks, ignored=host_tasks))
     try:
         await asyncio.wait_for(ready.wait(), ready_within)
         yield

@@ -7,8 +7,10 @@ or kubeconfig, exec plugins included); the bearer token is asked for on each req
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
@@ -59,6 +61,24 @@ def path(api_version: str, kind: str, namespace: str | None, name: str | None = 
     return "/".join(parts)
 
 
+def bearer_token(cfg: kubernetes.client.Configuration) -> str | None:
+    """The `Authorization` header value for `cfg`'s token, or None when it authenticates otherwise.
+
+    kubernetes' loaders (kubeconfig `token:`, exec plugins, the in-cluster ServiceAccount) keep the token
+    under api_key["BearerToken"], already prefixed ("Bearer <t>", or "bearer <t>" in-cluster), and
+    refresh it through the hook that get_api_key_with_prefix calls; a hand-built configuration may use
+    "authorization" instead (captured: shared/k8s-real/05-python-client-api-key.json). A token file read
+    verbatim may end in a newline, which no header may carry.
+    """
+    for key in ("BearerToken", "authorization"):
+        value = cfg.get_api_key_with_prefix(key)
+        if value:
+            value = str(value).strip()
+            scheme, _, credential = value.partition(" ")
+            return value if credential.strip() else f"Bearer {scheme}"
+    return None
+
+
 def load_configuration() -> kubernetes.client.Configuration:
     """In-cluster credentials when running in a pod, else the kubeconfig (KUBECONFIG or ~/.kube/config)."""
     cfg = kubernetes.client.Configuration()
@@ -76,6 +96,11 @@ class Kube:
         self._cfg = configuration
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
+        self._locks: dict[tuple[str, ...], asyncio.Lock] = {}
+
+    def lock(self, key: tuple[str, ...]) -> asyncio.Lock:
+        """A lock for writers of one set of objects through this client (its event loop, its lifetime)."""
+        return self._locks.setdefault(key, asyncio.Lock())
 
     def _ssl(self) -> ssl.SSLContext | bool:
         if not self._cfg.host.startswith("https"):
@@ -108,7 +133,7 @@ class Kube:
         content_type: str = "application/json",
     ) -> Any:
         headers = {"Accept": "application/json"}
-        token = self._cfg.get_api_key_with_prefix("authorization") or self._cfg.get_api_key_with_prefix("BearerToken")
+        token = bearer_token(self._cfg)
         if token:
             headers["Authorization"] = token
         data = None
@@ -136,11 +161,18 @@ class Kube:
     async def list(
         self, api_version: str, kind: str, namespace: str | None, label_selector: str | None = None
     ) -> list[dict[str, Any]]:
+        """The items of a LIST, each with its apiVersion and kind filled in: a real API server sends those
+        on the list only, never on its items (shared/k8s-real/01-list-*-raw.json)."""
         params = {"labelSelector": label_selector} if label_selector else None
         result = await self.request("GET", path(api_version, kind, namespace), params=params)
-        return list(result.get("items") or [])
+        items = list(result.get("items") or [])
+        for item in items:
+            item.setdefault("apiVersion", api_version)
+            item.setdefault("kind", kind)
+        return items
 
     async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """POST: 409 when the object exists already (for objects that must never be overwritten)."""
         meta = obj["metadata"]
         return await self.request(
             "POST",
@@ -150,7 +182,8 @@ class Kube:
         )
 
     async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
-        """Server-side apply, forcing our field manager's ownership of the fields we set."""
+        """Server-side apply (creates the object when it is absent), forcing our field manager's ownership
+        of the fields we set. Fields our last apply set and `obj` leaves out are removed."""
         meta = obj["metadata"]
         return await self.request(
             "PATCH",
@@ -174,6 +207,17 @@ class Kube:
             path(api_version, kind, namespace, name, sub),
             body=patch,
             content_type="application/merge-patch+json",
+        )
+
+    async def json_patch(
+        self, api_version: str, kind: str, namespace: str | None, name: str, ops: Sequence[dict[str, Any]]
+    ) -> dict[str, Any]:
+        return await self.request(
+            "PATCH",
+            path(api_version, kind, namespace, name),
+            params={"fieldManager": FIELD_MANAGER},
+            body=ops,
+            content_type="application/json-patch+json",
         )
 
     async def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> None:

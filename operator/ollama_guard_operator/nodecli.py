@@ -12,6 +12,8 @@ from typing import Any
 
 import kubernetes
 
+from .spec import address_problem
+
 GROUP, VERSION, PLURAL = "ollama-guard.io", "v1alpha1", "scannodes"
 LABEL_GUARDPROXY = f"{GROUP}/guardproxy"
 
@@ -37,6 +39,14 @@ def _parse_address(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _parse_endpoint(value: str) -> tuple[str, int]:
+    host, port = _parse_address(value)
+    problem = address_problem(host)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{problem}: the cluster cannot route to it; give an address it reaches")
+    return host, port
+
+
 def _parse_label(value: str) -> tuple[str, str]:
     key, sep, val = value.partition("=")
     if not sep or not key:
@@ -47,15 +57,18 @@ def _parse_label(value: str) -> tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ollama-guard node", description=__doc__)
     parser.add_argument("-n", "--namespace", default=None, help="default: the kubeconfig context's namespace")
+    # -n/--namespace is taken before or after the subcommand, as people type it either way.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-n", "--namespace", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
-    reg = sub.add_parser("register", help="create or update a ScanNode")
+    reg = sub.add_parser("register", help="create or update a ScanNode", parents=[common])
     reg.add_argument("--guardproxy", required=True, help="the GuardProxy whose Service this node joins")
-    reg.add_argument("--address", required=True, type=_parse_address, help="HOST:PORT the cluster reaches it at")
+    reg.add_argument("--address", required=True, type=_parse_endpoint, help="HOST:PORT the cluster reaches it at")
     reg.add_argument("--name", default=None, help="default: this host's short name")
     reg.add_argument("--label", action="append", default=[], type=_parse_label, help="k=v (repeatable)")
     reg.add_argument("--scheme", choices=["http", "https"], default="http")
-    sub.add_parser("list", help="list ScanNodes and their health")
-    rm = sub.add_parser("remove", help="delete a ScanNode")
+    sub.add_parser("list", help="list ScanNodes and their health", parents=[common])
+    rm = sub.add_parser("remove", help="delete a ScanNode", parents=[common])
     rm.add_argument("name")
     return parser
 

@@ -5,9 +5,7 @@ handlers.py wires these to kopf; tests may call them directly.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,11 +30,6 @@ CHILD_KINDS: list[tuple[str, str]] = [
     ("autoscaling/v2", "HorizontalPodAutoscaler"),
 ]
 SERVICE_MONITOR = ("monitoring.coreos.com/v1", "ServiceMonitor")
-
-
-# EndpointSlices have two triggers (the GuardProxy's reconcile, any ScanNode event): one writer at a time
-# per GuardProxy, each reading the nodes afresh, so a stale reader never undoes a newer write.
-_slice_locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
 
 
 class MissingDependency(Exception):
@@ -238,7 +231,9 @@ async def sync_scan_nodes(
     kube: Kube, namespace: str, guardproxy: str, *, gp: dict[str, Any] | None = None
 ) -> Outcome | None:
     """Make the ScanNode EndpointSlices list exactly the healthy nodes; update the node counts."""
-    async with _slice_locks[(namespace, guardproxy)]:
+    # EndpointSlices have two triggers (the GuardProxy's reconcile, any ScanNode event): one writer at a
+    # time per GuardProxy, each reading the nodes afresh, so a stale reader never undoes a newer write.
+    async with kube.lock(("EndpointSlices", namespace, guardproxy)):
         if gp is None:
             try:
                 gp = await kube.get("ollama-guard.io/v1alpha1", "GuardProxy", namespace, guardproxy)
@@ -258,7 +253,7 @@ async def _sync_scan_nodes(kube: Kube, gp: dict[str, Any]) -> Outcome:
         "discovery.k8s.io/v1",
         "EndpointSlice",
         namespace,
-        builders.owned_selector(owner),
+        builders.scan_slices_selector(owner),
         builders.endpoint_slices(owner, healthy),
     )
     nodes = _nodes_status(len(healthy), total)
@@ -275,11 +270,14 @@ async def _sync_scan_nodes(kube: Kube, gp: dict[str, Any]) -> Outcome:
 
 
 def next_node_status(old: dict[str, Any] | None, ok: bool, spec_threshold: tuple[int, int]) -> tuple[bool, int, int]:
-    """(healthy, consecutiveFailures, consecutiveSuccesses) after one probe, with the thresholds applied."""
+    """(healthy, consecutiveFailures, consecutiveSuccesses) after one probe, with the thresholds applied.
+
+    The counters stop at their threshold: past it they change nothing, and a settled node's status then
+    stays the same from probe to probe (no write)."""
     failure_threshold, success_threshold = spec_threshold
     old = old or {}
-    failures = 0 if ok else int(old.get("consecutiveFailures") or 0) + 1
-    successes = int(old.get("consecutiveSuccesses") or 0) + 1 if ok else 0
+    failures = 0 if ok else min(int(old.get("consecutiveFailures") or 0) + 1, failure_threshold)
+    successes = min(int(old.get("consecutiveSuccesses") or 0) + 1, success_threshold) if ok else 0
     was = old.get("healthy")
     if was is None:
         healthy = ok  # first probe decides

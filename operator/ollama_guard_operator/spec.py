@@ -209,6 +209,29 @@ class Probe(_Model):
     success_threshold: int = Field(default=1, ge=1)
 
 
+def address_problem(address: str) -> str | None:
+    """Why an EndpointSlice cannot list `address`, or None when it can (a DNS name is not checked here).
+
+    The API server refuses endpoint IPs that are unspecified, loopback (127.0.0.0/8, ::1) or link-local
+    (169.254.0.0/16, fe80::/10, and the link-local multicast ranges) with a 422 for the whole slice
+    (Kubernetes ValidateEndpointIP; captured: shared/k8s-real/04-response-422-*.json).
+    """
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    if ip.is_unspecified:
+        return f"{address} is unspecified"
+    if ip.is_loopback:
+        return f"{address} is in the loopback range (127.0.0.0/8, ::1/128)"
+    link_local_multicast = (
+        ip in ipaddress.ip_network("224.0.0.0/24") if ip.version == 4 else ip in ipaddress.ip_network("ff02::/16")
+    )
+    if ip.is_link_local or link_local_multicast:
+        return f"{address} is in the link-local range (169.254.0.0/16, fe80::/10)"
+    return None
+
+
 class ScanNodeSpec(_Model):
     guard_proxy: str = Field(min_length=1)
     address: str = Field(min_length=1)
@@ -216,6 +239,13 @@ class ScanNodeSpec(_Model):
     scheme: Literal["http", "https"] = "http"
     health_path: str = Field(default="/health", pattern=r"^/")
     probe: Probe = Probe()
+
+    @model_validator(mode="after")
+    def _endpoint_address(self) -> ScanNodeSpec:
+        problem = address_problem(self.address)
+        if problem:
+            raise ValueError(f"address {problem}: a Service cannot route to it, so no EndpointSlice may list it")
+        return self
 
     @property
     def address_type(self) -> Literal["IPv4", "IPv6", "FQDN"]:

@@ -36,10 +36,9 @@ import uuid
 from typing import Any
 
 import aiohttp.web
+import fieldsets
 import jsonpatch
 from kmock._internal import dicts, enums, k8s, references, rendering
-
-import fieldsets
 
 RESOURCES: dict[str, tuple[str, bool, tuple[str, ...]]] = {
     # "group/version/plural": (kind, namespaced, subresources)
@@ -138,7 +137,9 @@ class ApiServer(k8s.KubernetesEmulator):
             user = "system:anonymous"  # no header, or a bare token: anonymous, not 401
         self.users.append(user)
         if user == "system:anonymous" and request.url.path not in ("/version", "/healthz", "/livez", "/readyz"):
-            return _status(403, "Forbidden", f'forbidden: User "{user}" cannot {request.method} {request.url.path}')
+            return _status(
+                403, "Forbidden", f'forbidden: User "{user}" cannot {request.method.value.lower()} {request.url.path}'
+            )
         return None
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
@@ -349,9 +350,7 @@ class ApiServer(k8s.KubernetesEmulator):
             )
             if conflicts:
                 message, causes = fieldsets.conflict_message(conflicts, _api_version(request))
-                raise k8s.KubernetesError(
-                    status=409, reason="Conflict", message=message, details={"causes": causes}
-                )
+                raise k8s.KubernetesError(status=409, reason="Conflict", message=message, details={"causes": causes})
         else:
             new = dicts.patch_dict(copy.deepcopy(old), body or {})
         if not apply and request.subresource != "status":

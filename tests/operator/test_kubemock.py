@@ -179,7 +179,10 @@ async def test_apply_does_not_prune_fields_a_post_by_the_same_manager_set(kmock:
         params=MANAGER,
     )
     assert status == 409 and conflict["reason"] == "Conflict"
-    assert conflict["details"]["causes"][0]["field"] == '.spec.template.spec.containers[name="proxy"].env[name="OG_C"].value'
+    assert (
+        conflict["details"]["causes"][0]["field"]
+        == '.spec.template.spec.containers[name="proxy"].env[name="OG_C"].value'
+    )
     real = captured("03a-step4-ssa-change-OG_C-409-conflict.json")
     if real is not None:
         assert conflict["message"] == real["message"]
@@ -377,7 +380,10 @@ async def test_namespace_deletion_waits_for_finalized_objects_and_refuses_create
     assert status == 403 and refused["details"]["causes"][0]["reason"] == "NamespaceTerminating"
     real = captured("07-create-in-terminating-namespace-403.json")
     if real is not None:
-        assert refused["details"]["causes"][0] == {**real["details"]["causes"][0], "message": f"namespace {NS} is being terminated"}
+        assert refused["details"]["causes"][0] == {
+            **real["details"]["causes"][0],
+            "message": f"namespace {NS} is being terminated",
+        }
     await call(
         kmock,
         "PATCH",

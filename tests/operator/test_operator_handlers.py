@@ -27,6 +27,9 @@ GP = "ollama-guard.io/v1alpha1/guardproxies"
 SN = "ollama-guard.io/v1alpha1/scannodes"
 NS = "ai"
 DEADLINE = 10.0
+# The test's own calls authenticate as cluster admin where a test turns token authentication on.
+ADMIN_TOKEN = "test-admin"  # noqa: S105 - a test credential
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 async def eventually(check: Callable[[], Any], what: str, within: float = DEADLINE) -> Any:
@@ -101,7 +104,7 @@ async def create(kmock: ApiServer, resource: str, name: str, spec: dict[str, Any
     prefix = "/api" if "/" not in group_version else "/apis"
     kind = {"guardproxies": "GuardProxy", "scannodes": "ScanNode", "secrets": "Secret"}[plural]
     body = {"apiVersion": group_version, "kind": kind, "metadata": {"name": name, "namespace": NS}, **spec}
-    async with kmock.post(f"{prefix}/{group_version}/namespaces/{NS}/{plural}", json=body) as resp:
+    async with kmock.post(f"{prefix}/{group_version}/namespaces/{NS}/{plural}", json=body, headers=ADMIN) as resp:
         assert resp.status == 201, await resp.text()
 
 
@@ -110,14 +113,14 @@ async def patch(kmock: ApiServer, resource: str, name: str, body: dict[str, Any]
         f"/apis/{resource.rsplit('/', 2)[0]}/{resource.rsplit('/', 2)[1]}/namespaces/{NS}/"
         f"{resource.rsplit('/', 1)[1]}/{name}",
         json=body,
-        headers={"Content-Type": "application/merge-patch+json"},
+        headers={"Content-Type": "application/merge-patch+json", **ADMIN},
     ) as resp:
         assert resp.status == 200, await resp.text()
 
 
 async def delete(kmock: ApiServer, resource: str, name: str) -> None:
     async with kmock.delete(
-        f"/apis/{resource.rsplit('/', 1)[0]}/namespaces/{NS}/{resource.rsplit('/', 1)[1]}/{name}"
+        f"/apis/{resource.rsplit('/', 1)[0]}/namespaces/{NS}/{resource.rsplit('/', 1)[1]}/{name}", headers=ADMIN
     ) as resp:
         assert resp.status == 200, await resp.text()
 
@@ -305,13 +308,23 @@ async def health_server() -> AsyncIterator[dict[str, Any]]:
     await runner.cleanup()
 
 
-def slice_addresses(kmock: ApiServer) -> list[str]:
+def scan_slices(kmock: ApiServer) -> list[dict[str, Any]]:
+    """The operator's ScanNode slices (the EndpointSlice controller's slices of the Services left out)."""
     return [
-        a
+        s
         for s in objects(kmock, "discovery.k8s.io/v1/endpointslices").values()
-        for ep in s["endpoints"]
-        for a in ep["addresses"]
+        if s["metadata"]["labels"].get("endpointslice.kubernetes.io/managed-by") == "ollama-guard-operator"
     ]
+
+
+def controller_slice_deletes(kmock: ApiServer) -> list[str]:
+    """DELETEs the operator sent for slices it does not own: the controller's, which serve the Service."""
+    ours = {"guard-scannodes-"}
+    return [p for m, p in kmock.writes if m == "DELETE" and "/endpointslices/" in p and not any(o in p for o in ours)]
+
+
+def slice_addresses(kmock: ApiServer) -> list[str]:
+    return [a for s in scan_slices(kmock) for ep in s["endpoints"] for a in ep["addresses"]]
 
 
 async def test_scannode_health_flips_move_it_in_and_out_of_the_slice(
@@ -327,16 +340,16 @@ async def test_scannode_health_flips_move_it_in_and_out_of_the_slice(
             {
                 "spec": {
                     "guardProxy": "guard",
-                    "address": "127.0.0.1",
+                    "address": "localhost",  # 127.0.0.1 is refused in an EndpointSlice
                     "port": health_server["port"],
                     "probe": {"failureThreshold": 2, "timeoutSeconds": 1},
                 }
             },
         )
-        await create(kmock, SN, "mini-dead", {"spec": {"guardProxy": "guard", "address": "127.0.0.1", "port": 1}})
-        await eventually(lambda: slice_addresses(kmock) == ["127.0.0.1"], "healthy node in the slice")
-        (sl,) = objects(kmock, "discovery.k8s.io/v1/endpointslices").values()
-        assert sl["addressType"] == "IPv4" and sl["ports"][0]["port"] == health_server["port"]
+        await create(kmock, SN, "mini-dead", {"spec": {"guardProxy": "guard", "address": "localhost", "port": 1}})
+        await eventually(lambda: slice_addresses(kmock) == ["localhost"], "healthy node in the slice")
+        (sl,) = scan_slices(kmock)
+        assert sl["addressType"] == "FQDN" and sl["ports"][0]["port"] == health_server["port"]
         assert sl["metadata"]["labels"]["kubernetes.io/service-name"] == "guard"
         node = objects(kmock, SN)["mini-1"]["status"]
         assert node["healthy"] is True and node["device"] == "mps" and node["latencyMs"] >= 0
@@ -345,16 +358,19 @@ async def test_scannode_health_flips_move_it_in_and_out_of_the_slice(
 
         health_server["healthy"] = False
         await eventually(lambda: slice_addresses(kmock) == [], "unhealthy node leaves the slice")
-        node = objects(kmock, SN)["mini-1"]["status"]
-        assert node["healthy"] is False, (
-            node,
-            [w for w in zip(kmock.writes, kmock.bodies, strict=True) if "slice" in w[0][1]],
+        # The slice and the node's status are two writes: wait for the one asserted on, do not assume it.
+        await eventually(
+            lambda: (
+                objects(kmock, SN)["mini-1"]["status"]["healthy"] is False
+                and objects(kmock, SN)["mini-1"]["status"]["consecutiveFailures"] == 2
+            ),
+            "the node's status says unhealthy after failureThreshold (2) failures",
         )
-        assert node["consecutiveFailures"] >= 2, node
 
         health_server["healthy"] = True
-        await eventually(lambda: slice_addresses(kmock) == ["127.0.0.1"], "node returns when healthy")
+        await eventually(lambda: slice_addresses(kmock) == ["localhost"], "node returns when healthy")
 
         await delete(kmock, SN, "mini-1")
         await eventually(lambda: slice_addresses(kmock) == [], "deleted node leaves the slice")
         await eventually(lambda: gp_status(kmock).get("externalNodes", {}).get("summary") == "0/1", "0/1")
+        assert controller_slice_deletes(kmock) == []

@@ -122,6 +122,10 @@ def test_defaults_install_only_the_operator_and_its_crds(helm: str) -> None:
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    # kopf's identity without getpass.getuser(), which fails for a uid with no passwd entry (OpenShift).
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["USER"]["value"]
 
     sa = one(docs, "ServiceAccount")
     assert pod["spec"]["serviceAccountName"] == sa["metadata"]["name"]

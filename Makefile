@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 PIN    := -c constraints.txt
 
-.PHONY: serve test install-proxy install-all tools bench lint clean
+.PHONY: serve test e2e install-proxy install-all tools bench lint clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -29,6 +29,10 @@ serve: install-proxy
 ## Install everything (Python packages, helm binaries) and run the whole test suite.
 test: install-all tools
 	PATH="$(CURDIR)/.tools/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
+
+## The cluster tests, against the cluster KUBECONFIG names (each skips with its reason where it cannot run).
+e2e: install-all tools
+	PATH="$(CURDIR)/.tools/bin:$$PATH" $(PY) -m pytest e2e -m cluster $(PYTEST_ARGS)
 
 tools: install-all
 	$(PY) scripts/fetch_tools.py

@@ -106,6 +106,34 @@ def cluster_reachable() -> str | None:
     return None
 
 
+def schedulable_node() -> str | None:
+    """None when some node is Ready and schedulable (so the operator's pod can start), else why not."""
+    nodes = json.loads(kubectl("get", "nodes", "-o", "json", check=False) or "{}").get("items") or []
+    for node in nodes:
+        ready = any(
+            c["type"] == "Ready" and c["status"] == "True" for c in node.get("status", {}).get("conditions") or []
+        )
+        no_schedule = any(t.get("effect") == "NoSchedule" for t in node.get("spec", {}).get("taints") or [])
+        if ready and not node.get("spec", {}).get("unschedulable") and not no_schedule:
+            return None
+    return f"no Ready, schedulable node among {len(nodes)}: pods cannot start here"
+
+
+def cluster_dns() -> str | None:
+    """None when the cluster has a DNS Service (pods reach Services by name), else why not."""
+    found = kubectl("get", "service", "-n", "kube-system", "-l", "k8s-app=kube-dns", "-o", "name", check=False)
+    return None if found.strip() else "no kube-dns Service in kube-system: pods cannot resolve Service names"
+
+
+@pytest.fixture(scope="module")
+def pods_run(installed: None) -> None:
+    """Tests that need a running pod (the operator's) say so; on a cluster without a schedulable node they
+    skip instead of waiting out a timeout."""
+    why = schedulable_node()
+    if why:
+        pytest.skip(why)
+
+
 @pytest.fixture(scope="module")
 def installed() -> Iterator[None]:
     """The chart installed in NAMESPACE, with the e2e image tag and a helm test URL for the e2e GuardProxy."""
@@ -120,7 +148,8 @@ def installed() -> Iterator[None]:
         "--namespace",
         NAMESPACE,
         "--create-namespace",
-        "--wait",
+        # No --wait: the CRDs and RBAC can be checked on any cluster; tests that need the operator's pod
+        # running wait for it themselves (pods_run) and skip where no pod can start.
         "--timeout",
         "5m",
         "--set",
@@ -140,7 +169,7 @@ def installed() -> Iterator[None]:
     yield
     if not KEEP:
         kubectl("delete", "guardproxy", GUARD, "-n", NAMESPACE, "--ignore-not-found", "--wait=true", check=False)
-        helm("uninstall", RELEASE, "--namespace", NAMESPACE, "--wait")
+        helm("uninstall", RELEASE, "--namespace", NAMESPACE, "--wait", "--timeout", "2m")
         kubectl("delete", "namespace", NAMESPACE, "--ignore-not-found", "--wait=false", check=False)
 
 
@@ -177,7 +206,7 @@ def _manifest(name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def guardproxy(installed: None) -> dict[str, Any]:
+def guardproxy(pods_run: None) -> dict[str, Any]:
     """The e2e GuardProxy (and the fake Ollama it guards), returned once the operator has set its status."""
     if DATA_PLANE:
         kubectl("apply", "-n", NAMESPACE, "-f", "-", stdin=_manifest("fake-ollama.yaml"))
@@ -196,13 +225,16 @@ def guardproxy(installed: None) -> dict[str, Any]:
     return wait_for("the operator to reconcile the GuardProxy and set its status", reconciled, timeout=180)
 
 
-def test_operator_is_available(installed: None) -> None:
-    deployments = json.loads(
-        kubectl("get", "deployments", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=operator", "-o", "json")
-    )["items"]
-    assert len(deployments) == 1
-    status = deployments[0]["status"]
-    assert status.get("availableReplicas", 0) >= 1, status
+def test_operator_is_available(pods_run: None) -> None:
+    def available() -> dict[str, Any] | None:
+        deployments = json.loads(
+            kubectl("get", "deployments", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=operator", "-o", "json")
+        )["items"]
+        assert len(deployments) == 1
+        status = deployments[0].get("status") or {}
+        return status if status.get("availableReplicas", 0) >= 1 else None
+
+    wait_for("the operator Deployment to be available", available, timeout=300, interval=3)
 
 
 def test_crds_are_established(installed: None) -> None:
@@ -282,6 +314,9 @@ def post(url: str, body: dict[str, Any], key: str | None = None) -> tuple[int, d
 def proxy_url(guardproxy: dict[str, Any]) -> Iterator[str]:
     if not DATA_PLANE:
         pytest.skip("E2E_DATA_PLANE=1 not set: the proxy image may not be in this cluster")
+    why = cluster_dns()
+    if why:
+        pytest.skip(why)
 
     def ready() -> bool:
         obj = json.loads(kubectl("get", "guardproxy", GUARD, "-n", NAMESPACE, "-o", "json"))

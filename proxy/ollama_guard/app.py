@@ -362,15 +362,13 @@ class Handlers:
             blocked = [v for v in in_verdicts if v.blocked]
             if blocked:
                 return self._blocked(request, req, blocked, "input", started)
-            changed = False
             for t, v in zip(req.targets, in_verdicts, strict=True):
                 if v.sanitized:
                     t.set(v.text)
-                    changed = True
+                    decision = "sanitized"
                 fired.extend(v.fired)
-            if changed:
-                raw = orjson.dumps(req.body)
-                decision = "sanitized"
+        # Send what was read and scanned (mediation.py): the body as parsed, never the client's bytes.
+        raw = orjson.dumps(req.body)
         headers = forward_headers(request.headers.items(), _DROP_GUARDED)
         headers.append(("Accept-Encoding", "identity"))
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")

@@ -1,7 +1,11 @@
 """Strict validation of guarded request bodies, and where in them the texts to scan are.
 
-Everything the guard does not scan (images, tools, tool calls, format, options, think, keep_alive ...) is
-type-checked loosely and passed through untouched; every text that reaches the model is found and scanned.
+The body is first read as Ollama reads it (mediation.canonical_body: letter-case variants of a field are
+refused, unknown keys dropped); what goes upstream is serialised from that reading. Every text the model
+reads is a scan target by default: user, system/developer, assistant (its content, thinking and tool-call
+arguments) and tool messages, tool and parameter descriptions and enum values, and /api/generate's prompt,
+system, template and suffix. Each kind but user text can be exempted by setting (`scan_*`). Non-text fields
+(images, format, options, think, keep_alive ...) are type-checked loosely and passed on as values.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any
 import orjson
 
 from .dialects import BadRequest, Route
+from .mediation import canonical_body
 from .settings import Settings
 
 _ROLES = {"system", "user", "assistant", "tool", "developer"}
@@ -32,6 +37,26 @@ class Target:
 
     def set(self, value: str) -> None:
         self.container[self.key] = value
+
+
+@dataclass
+class JsonTarget(Target):
+    """A JSON object in the body read as its text (native tool-call arguments in the history)."""
+
+    @property
+    def text(self) -> str:
+        return orjson.dumps(self.container[self.key]).decode()
+
+    def set(self, value: str) -> None:
+        try:
+            parsed = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            raise BadRequest(
+                "a sanitizer rewrote tool-call arguments in the conversation into text that is no longer JSON",
+                403,
+                "prompt_blocked",
+            ) from None
+        self.container[self.key] = parsed
 
 
 @dataclass
@@ -75,8 +100,11 @@ class Validator:
         self.scan_roles = {"user"}
         if settings.scan_system_messages:
             self.scan_roles |= {"system", "developer"}
+        if settings.scan_assistant_messages:
+            self.scan_roles.add("assistant")
         if settings.scan_tool_messages:
             self.scan_roles.add("tool")
+        self.scan_tool_definitions = settings.scan_tool_definitions
         self.allow_context = settings.allow_generate_context
 
     def _text(self, value: Any, what: str) -> str:
@@ -88,7 +116,7 @@ class Validator:
         return value
 
     def parse(self, raw: bytes, route: Route) -> GuardedRequest:
-        body = parse_json(raw, route)
+        body = canonical_body(parse_json(raw, route), route)
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise BadRequest("model is required and must be a string")
@@ -121,14 +149,69 @@ class Validator:
         return out
 
     def _tool_descriptions(self, req: GuardedRequest) -> None:
-        """Tool descriptions reach the model like a system prompt, and are scanned with system messages."""
-        if "system" not in self.scan_roles:
+        """The tools a request offers are rendered into the model's prompt: each tool's description, and every
+        description and enum value in its parameter schema (at any depth, `items` and `$defs` included), are
+        scanned (role "tool_definition"). Tool and parameter names are identifiers and are not scanned."""
+        if not self.scan_tool_definitions:
             return
         for i, tool in enumerate(req.body.get("tools") or []):
             fn = tool.get("function") if isinstance(tool, dict) else None
-            if isinstance(fn, dict) and fn.get("description"):
-                self._text(fn["description"], f"tools[{i}].function.description")
-                req.targets.append(Target(fn, "description", "system"))
+            if not isinstance(fn, dict):
+                continue
+            self._schema_texts(req, fn, f"tools[{i}].function", 0)
+
+    def _schema_texts(self, req: GuardedRequest, node: Any, where: str, depth: int) -> None:
+        _expect(depth <= 32, f"{where} is nested too deeply")
+        if isinstance(node, list):
+            for j, item in enumerate(node):
+                self._schema_texts(req, item, f"{where}[{j}]", depth + 1)
+            return
+        if not isinstance(node, dict):
+            return
+        for key, value in node.items():
+            if key == "description" and isinstance(value, str):
+                if value:
+                    self._text(value, f"{where}.description")
+                    req.targets.append(Target(node, key, "tool_definition"))
+            elif key == "enum" and isinstance(value, list):
+                for j, option in enumerate(value):
+                    if isinstance(option, str) and option:
+                        self._text(option, f"{where}.enum[{j}]")
+                        req.targets.append(Target(value, j, "tool_definition"))
+            elif isinstance(value, dict | list):
+                self._schema_texts(req, value, f"{where}.{key}", depth + 1)
+
+    def _history_tool_calls(self, req: GuardedRequest, i: int, m: dict[str, Any], native: bool) -> None:
+        """Tool calls an assistant turn in the history made: their arguments are rendered back to the model."""
+        calls = m.get("tool_calls")
+        if calls is None:
+            return
+        _expect(isinstance(calls, list), f"messages[{i}].tool_calls must be a list")
+        if "assistant" not in self.scan_roles:
+            return
+        for j, call in enumerate(calls):
+            fn = call.get("function") if isinstance(call, dict) else None
+            _expect(isinstance(fn, dict), f"messages[{i}].tool_calls[{j}].function must be an object")
+            args = fn.get("arguments")
+            if args is None:
+                continue
+            if native:
+                _expect(isinstance(args, dict), f"messages[{i}].tool_calls[{j}].function.arguments must be an object")
+                if args:
+                    req.targets.append(JsonTarget(fn, "arguments", "assistant"))
+            else:
+                self._text(args, f"messages[{i}].tool_calls[{j}].function.arguments")
+                if args:
+                    req.targets.append(Target(fn, "arguments", "assistant"))
+
+    def _thinking(self, req: GuardedRequest, i: int, m: dict[str, Any], key: str, role: str) -> None:
+        """A reasoning model's thoughts in the history: the model reads them back."""
+        value = m.get(key)
+        if value is None:
+            return
+        self._text(value, f"messages[{i}].{key}")
+        if value and role in self.scan_roles:
+            req.targets.append(Target(m, key, role))
 
     def _ollama_chat(self, req: GuardedRequest) -> None:
         self._tool_descriptions(req)
@@ -139,6 +222,8 @@ class Validator:
                     req.targets.append(Target(m, "content", role))
             elif role in self.scan_roles and not m.get("tool_calls"):
                 raise BadRequest(f"messages[{i}].content is required")
+            self._thinking(req, i, m, "thinking", role)
+            self._history_tool_calls(req, i, m, native=True)
             images = m.get("images")
             if images is not None:
                 _expect(
@@ -192,6 +277,9 @@ class Validator:
         self._openai_choices(req)
         self._tool_descriptions(req)
         for i, m, role in self._messages(req, required=True):
+            for key in ("reasoning", "reasoning_content"):
+                self._thinking(req, i, m, key, role)
+            self._history_tool_calls(req, i, m, native=False)
             content = m.get("content")
             if content is None:
                 _expect(

@@ -229,10 +229,17 @@ class Settings(_Section):
     """`error`: an error in the caller's dialect; `message`: a normal assistant answer saying so."""
     blocked_message: str = "This request was blocked by the guard."
     """The answer text when `blocked_response: message`."""
-    scan_system_messages: bool = False
-    """Also scan system (and OpenAI developer) messages, and the descriptions of the tools a request offers."""
+    scan_system_messages: bool = True
+    """Scan system (and OpenAI developer) messages and /api/generate's `system`: a caller can put anything
+    there, and Open WebUI puts retrieved documents there. False trusts every caller's system prompt."""
+    scan_assistant_messages: bool = True
+    """Scan the assistant turns of the history (content, thinking, tool-call arguments): a caller can forge
+    them. Each is cached per text, so a conversation still scans only its new turns."""
     scan_tool_messages: bool = True
-    """Also scan tool results (role `tool`): the text a tool fetched is where indirect prompt injection hides."""
+    """Scan tool results (role `tool`): the text a tool fetched is where indirect prompt injection hides."""
+    scan_tool_definitions: bool = True
+    """Scan the tools a request offers: each tool's description and the descriptions and enum values of its
+    parameters, which the model reads like a system prompt."""
     allow_generate_context: bool = False
     """Accept `context` token arrays on /api/generate. The guard cannot read tokens, so by default they are
     refused with a 400 pointing to /api/chat; allowing them lets a client send text the guard never saw."""

@@ -189,7 +189,7 @@ def test_slow_upstream_is_504_in_dialect(start_proxy):
     assert r.status_code == 504 and "in time" in r.json()["error"]
 
 
-def test_system_messages_are_scanned_only_when_configured(start_proxy, upstream):
+def test_system_messages_and_tool_definitions_are_scanned_unless_turned_off(start_proxy, upstream):
     from .policies import BANNED_IN
 
     body = {
@@ -197,15 +197,16 @@ def test_system_messages_are_scanned_only_when_configured(start_proxy, upstream)
         "stream": False,
         "messages": [{"role": "system", "content": f"be {BANNED_IN}"}, {"role": "user", "content": "hi"}],
     }
-    assert httpx.post(start_proxy(**pure()).url + "/api/chat", json=body).status_code == 200
-    strict = start_proxy(**pure(scan_system_messages=True))
-    assert httpx.post(strict.url + "/api/chat", json=body).status_code == 403
-    # Tool descriptions reach the model like a system prompt: scanned with system messages, in both dialects.
+    default = start_proxy(**pure())
+    assert httpx.post(default.url + "/api/chat", json=body).status_code == 403
+    trusting = start_proxy(**pure(scan_system_messages=False, scan_tool_definitions=False))
+    assert httpx.post(trusting.url + "/api/chat", json=body).status_code == 200
+    # Tool descriptions reach the model like a system prompt: scanned by default, in both dialects.
     tool = {"type": "function", "function": {"name": "lookup", "description": f"always {BANNED_IN}"}}
     chat = {"model": "m", "stream": False, "messages": [{"role": "user", "content": "hi"}], "tools": [tool]}
     for path in ("/api/chat", "/v1/chat/completions"):
-        assert httpx.post(strict.url + path, json=chat).status_code == 403
-        assert httpx.post(start_proxy(**pure()).url + path, json=chat).status_code == 200
+        assert httpx.post(default.url + path, json=chat).status_code == 403
+        assert httpx.post(trusting.url + path, json=chat).status_code == 200
 
 
 def test_tool_results_are_scanned_unless_turned_off(start_proxy, upstream):

@@ -102,7 +102,7 @@ def test_violating_answer_never_reaches_the_client(proxy, route, stream, chunk_c
     path, dialect, make = route
     body = make(f"REPLY: Here is a long and harmless introduction to the answer. Then {BANNED_OUT} appears.", stream)
     body["options"] = {"fake_chunk_chars": chunk_chars}
-    body["fake"] = {"chunk_chars": chunk_chars}
+    body["metadata"] = {"fake_chunk_chars": chunk_chars}
     r = httpx.post(proxy.url + path, json=body)
     received = answer_text(path, dialect, r.content, stream)
     # No piece of the banned word reached the client, not even a prefix split across chunks.

@@ -136,17 +136,19 @@ def test_same_text_hits_across_processes_and_policy_change_misses(two_processes,
 
 def test_memory_backend_caches_per_message_so_old_turns_are_not_rescanned(start_proxy):
     p = start_proxy(**pure())
-    history = [
-        {"role": "user", "content": "REPLY: first answer"},
-        {"role": "assistant", "content": "first answer"},
-    ]
+    history = [{"role": "user", "content": "REPLY: first answer"}]
     httpx.post(p.url + "/api/chat", json={"model": "m", "stream": False, "messages": history})
+    history += [{"role": "assistant", "content": "first answer"}, {"role": "user", "content": "REPLY: second answer"}]
     before = stats(p.url)["cache"]
-    history += [{"role": "user", "content": "REPLY: second answer"}]
     httpx.post(p.url + "/api/chat", json={"model": "m", "stream": False, "messages": history})
     after = stats(p.url)["cache"]
     assert after["hits"] - before["hits"] == 1  # the first turn
-    assert after["misses"] - before["misses"] == 2  # only the new turn (and the new answer) were scanned
+    # The new turns (the assistant turn as input, the new user turn) and the new answer.
+    assert after["misses"] - before["misses"] == 3
+    history += [{"role": "assistant", "content": "second answer"}, {"role": "user", "content": "REPLY: third"}]
+    httpx.post(p.url + "/api/chat", json={"model": "m", "stream": False, "messages": history})
+    last = stats(p.url)["cache"]
+    assert last["hits"] - after["hits"] == 3 and last["misses"] - after["misses"] == 3  # old turns: cached
 
 
 def test_rate_limits_hold_locally_while_redis_is_down_and_return_to_redis(start_proxy, redis):

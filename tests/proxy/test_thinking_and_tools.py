@@ -25,7 +25,7 @@ ROUTES_WITH_TOOLS = ["/api/chat", "/v1/chat/completions"]
 
 def body_for(path: str, script: str, stream: bool, chunk_chars: int = 5) -> dict:
     body: dict = {"model": "m", "stream": stream, "options": {"fake_chunk_chars": chunk_chars}}
-    body["fake"] = {"chunk_chars": chunk_chars}
+    body["metadata"] = {"fake_chunk_chars": chunk_chars}
     if path == "/api/generate":
         body["prompt"] = script
     else:

@@ -7,7 +7,8 @@ Used by the tests, the benchmarks and the in-cluster e2e. The answer is scripted
 A text may also script thinking and tool calls, in parts separated by `` || ``: ``THINK: <thoughts> ||
 REPLY: <answer> || TOOL: <name> <JSON object of arguments>``. Thinking streams first (native ``thinking``,
 OpenAI-compatible ``reasoning``), then the answer, then one chunk with the tool calls, as Ollama sends them.
-Options ``fake_chunk_chars`` (default 4) sets the stream chunk size; ``fake_delay_ms`` a delay per chunk.
+Options ``fake_chunk_chars`` (default 4) sets the stream chunk size; ``fake_delay_ms`` a delay per chunk
+(on /v1 chat: ``metadata.fake_chunk_chars``).
 Every request is recorded (``requests``) so tests can check what reached Ollama; run standalone, it records none.
 
 Run standalone: ``python -m ollama_guard.testing.fake_ollama --port 11434``.
@@ -343,8 +344,10 @@ class FakeOllama:
                 ),
                 content_type="application/json",
             )
-        opts = body.get("fake") or {}
-        size = int(opts.get("chunk_chars", 4))
+        # The /v1 API has no `options`: the chunk size rides in OpenAI's free-form `metadata`, which Ollama
+        # ignores and the guard forwards.
+        opts = body.get("metadata") or {}
+        size = int(opts.get("fake_chunk_chars", 4))
         deltas: list[dict[str, Any]] = [
             {"role": "assistant", "content": "", "reasoning": c} for c in chunks(sc.thinking, size) if c
         ]

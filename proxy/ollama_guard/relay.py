@@ -6,6 +6,11 @@ id, created) with the text replaced, and chunks without text (the final `done` c
 Thinking is guarded like the answer, by its own guard; tool calls are scanned whole before they go out.
 On a violation the upstream connection is closed (Ollama stops generating) and the stream ends with a
 well-formed final chunk in the caller's dialect.
+
+Every upstream event is parsed and scanned, or it ends the stream: a line that is not a JSON object, an
+`error` event (its text scanned like any output before the client sees it) and a stream that ends without
+its final event (`done: true`, `data: [DONE]`) all end the stream with the dialect's error ending, after
+the text that had passed.
 """
 
 from __future__ import annotations
@@ -38,8 +43,12 @@ from .scanning.stream import StreamGuard
 log = logging.getLogger(__name__)
 
 
+DONE = object()  # the SSE stream's closing `data: [DONE]`
+
+
 async def iter_events(resp: aiohttp.ClientResponse, route: Route) -> AsyncIterator[tuple[bytes, Any]]:
-    """(raw event bytes as they go to the client, parsed JSON or None) for each NDJSON line / SSE event."""
+    """(raw event bytes as they go to the client, parsed JSON, None when it is not JSON, or DONE) for each
+    NDJSON line / SSE event."""
     if route.dialect == OLLAMA:
         async for line in resp.content:
             if not line.strip():
@@ -56,7 +65,7 @@ async def iter_events(resp: aiohttp.ClientResponse, route: Route) -> AsyncIterat
             continue  # blank separators, comments, event names: we frame our own events
         payload = line[5:].strip()
         if payload == b"[DONE]":
-            yield b"data: [DONE]\n\n", None
+            yield b"data: [DONE]\n\n", DONE
             continue
         try:
             obj = orjson.loads(payload)
@@ -120,6 +129,8 @@ class GuardedStream:
         self.last: dict[str, Any] = {}  # the last upstream chunk: where rebuilt chunks take model, id, created
         self.tools_sanitized = False
         self.violation: Verdict | None = None
+        self.ended = False  # the upstream's final event (done: true / [DONE]) arrived
+        self.broken: str | None = None  # why the stream cannot go on (unreadable or error event)
 
     # ---- what the audit record reads -------------------------------------------------------------------
     @property
@@ -249,10 +260,28 @@ class GuardedStream:
         return out
 
     # ---- the stream --------------------------------------------------------------------------------------
+    async def _upstream_error(self, error: Any) -> str:
+        """The text of an upstream error event, as the client may see it: scanned like any output."""
+        text = error.get("message") if isinstance(error, dict) else error
+        text = str(text)[:2000]
+        verdict = await self._guard(side=True).scan_whole(text)
+        if verdict.blocked:
+            return "Ollama reported an error; its text was withheld by the guard"
+        return f"Ollama reported an error: {verdict.text if verdict.sanitized else text}"
+
     async def _event(self, raw: bytes, obj: Any) -> list[bytes]:
         """What one upstream event releases: only text that passed, even when a violation stops the stream."""
-        if not isinstance(obj, dict) or "error" in obj:
+        if obj is DONE:
+            self.ended = True
             return await self._feed(raw, "")
+        if not isinstance(obj, dict):
+            self.broken = "Ollama sent a stream event the guard cannot read"
+            return []
+        if obj.get("error") is not None:
+            self.broken = await self._upstream_error(obj["error"])
+            return []
+        if self.route.dialect == OLLAMA and obj.get("done") is True:
+            self.ended = True
         self.last = obj
         parts = split_parts(self.route, obj)
         out: list[bytes] = []
@@ -276,13 +305,19 @@ class GuardedStream:
             async for raw, obj in iter_events(self.resp, self.route):
                 for piece in await self._event(raw, obj):
                     yield piece
-                if self.violation is not None:
+                if self.violation is not None or self.broken is not None:
                     break
+            if self.broken is None and not self.ended and self.violation is None:
+                self.broken = "Ollama's stream ended before its final event"
             if self.violation is None:
                 pieces = await self._finish()
                 if self.violation is None:
                     for piece in pieces:
                         yield piece
+                    if self.broken is not None:
+                        log.warning("upstream stream unusable: %s", self.broken.split(":")[0])
+                        self.resp.close()
+                        yield from_broken_stream(self.route, self.last, self.model, self.broken)
                     if self.on_end is not None:
                         self.on_end(None)
             if self.violation is not None:
@@ -297,7 +332,7 @@ class GuardedStream:
                     self.blocked_message,
                 ):
                     yield piece
-            done = self.violation is None
+            done = self.violation is None and self.broken is None
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             log.warning("upstream stream broke: %s", type(exc).__name__)
             self.resp.close()
@@ -307,15 +342,17 @@ class GuardedStream:
             self.resp.release() if done else self.resp.close()
 
 
-def from_broken_stream(route: Route, template: dict[str, Any] | None, model: str) -> bytes:
-    """Ollama went away mid-stream: end the stream well-formed, saying so."""
+def from_broken_stream(
+    route: Route, template: dict[str, Any] | None, model: str, message: str = "upstream stream ended unexpectedly"
+) -> bytes:
+    """Ollama went away mid-stream, or sent what cannot be relayed: end the stream well-formed, saying so."""
     if route.dialect == OLLAMA:
-        return encode_ndjson({"error": "upstream stream ended unexpectedly"})
+        return encode_ndjson({"error": message})
     return (
         encode_sse(
             {
                 "error": {
-                    "message": "upstream stream ended unexpectedly",
+                    "message": message,
                     "type": "upstream_error",
                     "param": None,
                     "code": "upstream_error",

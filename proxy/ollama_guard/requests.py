@@ -191,7 +191,8 @@ class Validator:
             return
         for j, call in enumerate(calls):
             fn = call.get("function") if isinstance(call, dict) else None
-            _expect(isinstance(fn, dict), f"messages[{i}].tool_calls[{j}].function must be an object")
+            if not isinstance(fn, dict):
+                raise BadRequest(f"messages[{i}].tool_calls[{j}].function must be an object")
             args = fn.get("arguments")
             if args is None:
                 continue

@@ -95,6 +95,107 @@ def test_violating_prompt_is_blocked_and_never_forwarded(proxy, upstream, route,
     assert len(upstream.requests) == before
 
 
+# Where else a caller can put text the model reads: a system prompt, a forged assistant turn, a tool's
+# description or one of its parameters' descriptions. Each is scanned with the default config.
+_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "description": "{d}",
+        "parameters": {"type": "object", "properties": {"q": {"type": "string", "description": "{p}"}}},
+    },
+}
+
+
+def _tools(description: str = "look up a word", parameter: str = "the word") -> list[dict]:
+    tool = orjson.loads(orjson.dumps(_TOOL).replace(b"{d}", description.encode()).replace(b"{p}", parameter.encode()))
+    return [tool]
+
+
+ELSEWHERE = {
+    "system-native": (
+        "/api/chat",
+        "ollama",
+        lambda t, s: {
+            "model": "m",
+            "stream": s,
+            "messages": [{"role": "system", "content": t}, {"role": "user", "content": "hi"}],
+        },
+    ),
+    "system-generate": (
+        "/api/generate",
+        "ollama",
+        lambda t, s: {"model": "m", "stream": s, "prompt": "hi", "system": t},
+    ),
+    "system-openai": (
+        "/v1/chat/completions",
+        "openai",
+        lambda t, s: {
+            "model": "m",
+            "stream": s,
+            "messages": [{"role": "system", "content": t}, {"role": "user", "content": "hi"}],
+        },
+    ),
+    "assistant-native": (
+        "/api/chat",
+        "ollama",
+        lambda t, s: {
+            "model": "m",
+            "stream": s,
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": t},
+                {"role": "user", "content": "and?"},
+            ],
+        },
+    ),
+    "assistant-openai": (
+        "/v1/chat/completions",
+        "openai",
+        lambda t, s: {
+            "model": "m",
+            "stream": s,
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": t},
+                {"role": "user", "content": "and?"},
+            ],
+        },
+    ),
+    "tool-description-native": (
+        "/api/chat",
+        "ollama",
+        lambda t, s: {
+            "model": "m",
+            "stream": s,
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": _tools(description=t),
+        },
+    ),
+    "tool-parameter-openai": (
+        "/v1/chat/completions",
+        "openai",
+        lambda t, s: {
+            "model": "m",
+            "stream": s,
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": _tools(parameter=t),
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("where", list(ELSEWHERE))
+def test_violating_text_anywhere_the_model_reads_is_blocked_and_never_forwarded(proxy, upstream, where, stream):
+    path, dialect, make = ELSEWHERE[where]
+    before = len(upstream.requests)
+    r = httpx.post(proxy.url + path, json=make(f"please {BANNED_IN} now", stream))
+    assert r.status_code == 403, r.text
+    assert r.headers["x-guard-decision"] == "blocked; scanners=BanSubstrings"
+    assert len(upstream.requests) == before
+
+
 @pytest.mark.parametrize("chunk_chars", [3, 7, 50], ids=lambda n: f"chunks{n}")
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 @pytest.mark.parametrize("route", GENERATING, ids=lambda r: r[0] if isinstance(r, tuple) else r)

@@ -3,6 +3,8 @@
 Used by the tests, the benchmarks and the in-cluster e2e. The answer is scripted by the last user text:
 - ``REPLY: <text>``: answer exactly <text> (``\\n`` escapes allowed);
 - ``REPEAT <n>: <text>``: answer <text> repeated n times;
+- ``RAWLINES: <JSON list of strings>``: stream exactly these lines (each framed as an NDJSON line or an SSE
+  ``data:`` event) and end, as a broken or hostile upstream would;
 - anything else: a fixed harmless answer.
 A text may also script thinking and tool calls, in parts separated by `` || ``: ``THINK: <thoughts> ||
 REPLY: <answer> || TOOL: <name> <JSON object of arguments>``. Thinking streams first (native ``thinking``,
@@ -23,6 +25,9 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
+from ..dialects import ROUTES
+from ..mediation import go_decode
 
 DEFAULT_ANSWER = "The capital of France is Paris. It is known for the Eiffel Tower."
 MODELS = [
@@ -95,6 +100,15 @@ class Script:
         ]
 
 
+def raw_lines(text: str) -> list[str] | None:
+    """The lines a ``RAWLINES:`` script asks for, or None."""
+    text = text.strip()
+    if not text.startswith("RAWLINES:"):
+        return None
+    lines = orjson.loads(text[len("RAWLINES:") :])
+    return [str(line) for line in lines]
+
+
 def chunks(text: str, size: int) -> list[str]:
     return [text[i : i + size] for i in range(0, len(text), size)] or [""]
 
@@ -140,9 +154,14 @@ class FakeOllama:
             await self._runner.cleanup()
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
-        body = orjson.loads(await request.read())
+        """The request as Ollama's Go server reads it: on the generating and embedding routes, keys matched to
+        its struct fields case-insensitively (last wins), unknown keys dropped (mediation.go_decode); the raw
+        bytes are recorded too."""
+        raw = await request.read()
+        route = ROUTES.get(request.path)
+        body = go_decode(raw, route) if route is not None else orjson.loads(raw)
         if self.record:
-            self.requests.append({"path": request.path, "body": body, "headers": dict(request.headers)})
+            self.requests.append({"path": request.path, "body": body, "raw": raw, "headers": dict(request.headers)})
         return body
 
     # -- plain endpoints --
@@ -191,6 +210,8 @@ class FakeOllama:
         if (err := self._model_check(body)) is not None:
             return err
         users = [m.get("content", "") for m in body.get("messages", []) if m.get("role") == "user"]
+        if (lines := raw_lines(users[-1] if users else "")) is not None:
+            return await self._raw(request, lines, sse=False)
         sc = Script(users[-1] if users else "")
         answer = sc.answer
         opts = body.get("options") or {}
@@ -241,6 +262,8 @@ class FakeOllama:
         body = await self._body(request)
         if (err := self._model_check(body)) is not None:
             return err
+        if (lines := raw_lines(body.get("prompt", ""))) is not None:
+            return await self._raw(request, lines, sse=False)
         sc = Script(body.get("prompt", ""))
         answer = sc.answer
         opts = body.get("options") or {}
@@ -267,6 +290,10 @@ class FakeOllama:
         ]
         parts.append({**base, "created_at": _created_at(), "response": "", "done": True, **final})
         return await self._ndjson(request, parts, float(opts.get("fake_delay_ms", 0)))
+
+    async def _raw(self, request: web.Request, lines: list[str], sse: bool) -> web.StreamResponse:
+        frames = [(f"data: {line}\n\n" if sse else f"{line}\n").encode() for line in lines]
+        return await self._stream(request, "text/event-stream" if sse else "application/x-ndjson", frames)
 
     async def _ndjson(self, request: web.Request, parts: list[dict[str, Any]], delay_ms: float) -> web.StreamResponse:
         frames = [orjson.dumps(p) + b"\n" for p in parts]
@@ -317,6 +344,8 @@ class FakeOllama:
                 continue
             c = m.get("content")
             users.append(c if isinstance(c, str) else " ".join(p.get("text", "") for p in c if p.get("type") == "text"))
+        if (lines := raw_lines(users[-1] if users else "")) is not None:
+            return await self._raw(request, lines, sse=True)
         sc = Script(users[-1] if users else "")
         answer = sc.answer
         now = int(time.time())
@@ -378,6 +407,8 @@ class FakeOllama:
     async def oa_completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
         prompt = body.get("prompt")
+        if (lines := raw_lines(prompt if isinstance(prompt, str) else "")) is not None:
+            return await self._raw(request, lines, sse=True)
         answer = script_answer(prompt if isinstance(prompt, str) else (prompt or [""])[0])
         base = {
             "id": "cmpl-123",

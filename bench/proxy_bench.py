@@ -1,10 +1,14 @@
-"""Proxy throughput and added latency against a local fake Ollama, side by side with calling it directly.
+"""Proxy throughput and added latency against a local fake Ollama, side by side with two references.
 
-Starts the fake upstream and the proxy (`ollama-guard serve`, one worker), then drives both with wrk:
+Starts the fake upstream, a minimal Python pass-through (bench/passthrough.py: raw ASGI, one aiohttp session,
+no parsing) and the proxy (`ollama-guard serve`, one worker), then drives them with wrk:
 - cache hit / nothing new to scan: the same non-streaming /api/chat body again and again;
-- unique prompts: a fresh ~300-character prompt per request (wrk Lua), so every request is scanned;
-at concurrency 1 and 16. Also the time to the first streamed chunk (direct vs proxy, concurrency 1) and the
-proxy's idle memory. Prints a table; never asserts.
+- unique prompts: a fresh ~300-character prompt per request, unique across runs, wrk threads and requests
+  (a per-run nonce, the thread's number and a counter lead every prompt), so every request is scanned;
+at concurrency 1 and 16. Each proxy cell prints the verdict-cache hits and misses it caused (from /stats); a
+unique cell with more than 1 % hits says so. Also the time to the first streamed chunk, the proxy's CPU per
+1,000 streamed characters, and idle memory. Every proxy figure is also given as a ratio to the pass-through
+measured in the same run: absolute numbers differ up to 4x between machines, ratios do not. Never asserts.
 
     .venv/bin/python bench/proxy_bench.py [--duration 8] [--backend memory|redis]
 """
@@ -44,13 +48,22 @@ SAME_BODY = json.dumps(
 )
 UNIQUE_LUA = r"""
 local counter = 0
+local thread_id = 0
+local next_thread = 0
 local words = {"alpha","bravo","charlie","delta","echo","foxtrot","golf","hotel","india","juliet","kilo","lima"}
+setup = function(thread)
+  next_thread = next_thread + 1
+  thread:set("tid", next_thread)
+end
+init = function(args)
+  thread_id = tid or 0
+end
 request = function()
   counter = counter + 1
   local parts = {}
-  local n = counter + math.random(1, 1000000000)
-  for i = 1, 45 do parts[i] = words[((n + i * 7) % #words) + 1] end
-  local prompt = tostring(n) .. " " .. table.concat(parts, " ")
+  for i = 1, 45 do parts[i] = words[((counter + i * 7) % #words) + 1] end
+  -- "REPLY:" makes the fake Ollama answer with the prompt's own text: the answer is unique too.
+  local prompt = "REPLY: NONCE-" .. nonce .. "-" .. thread_id .. "-" .. counter .. " " .. table.concat(parts, " ")
   prompt = string.sub(prompt, 1, 300)
   local body = '{"model":"llama3.2","stream":false,"messages":[{"role":"user","content":"' .. prompt .. '"}]}'
   return wrk.format("POST", "/api/chat", {["Content-Type"]="application/json"}, body)
@@ -115,6 +128,11 @@ def wrk(url: str, script: Path, conns: int, duration: int) -> dict[str, float]:
     }
 
 
+def cache_counts(url: str) -> tuple[int, int]:
+    cache = httpx.get(url + "/stats").json()["cache"]
+    return int(cache.get("hits", 0)), int(cache.get("misses", 0))
+
+
 def ttfc(url: str, n: int = 200) -> float:
     body = {"model": "llama3.2", "messages": [{"role": "user", "content": "REPEAT 20: streamed words. "}]}
     times = []
@@ -129,6 +147,27 @@ def ttfc(url: str, n: int = 200) -> float:
                         first = False
     times.sort()
     return times[len(times) // 2]
+
+
+def cpu_seconds(pid: int) -> float:
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
+
+
+def stream_cpu(url: str, pid: int, chars: int = 16_000, repeat: int = 5) -> float:
+    """CPU milliseconds the process `pid` spends per 1,000 streamed characters (4-character chunks)."""
+    unit = "lorem ipsum dolor sit amet, consectetur. "
+    body = {"model": "llama3.2", "messages": [{"role": "user", "content": f"REPEAT {chars // len(unit)}: {unit}"}]}
+    with httpx.Client(timeout=120) as c:
+        before = cpu_seconds(pid)
+        for _ in range(repeat):
+            with c.stream("POST", url + "/api/chat", json=body) as r:
+                for _ in r.iter_raw():
+                    pass
+        used = cpu_seconds(pid) - before
+    return used * 1000 / (chars * repeat / 1000)
 
 
 def stream_scaling(url: str, sizes: tuple[int, ...] = (1_000, 4_000, 16_000, 64_000)) -> list[tuple[int, float]]:
@@ -163,8 +202,28 @@ def main() -> None:
     procs = []
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     try:
-        up_port, px_port = free_port(), free_port()
+        up_port, px_port, pt_port = free_port(), free_port(), free_port()
         procs.append(subprocess.Popen([PY, "-m", "ollama_guard.testing.fake_ollama", "--port", str(up_port)], env=env))
+        passthrough_proc = subprocess.Popen(
+            [
+                PY,
+                "-m",
+                "uvicorn",
+                "bench.passthrough:app",
+                "--loop",
+                "uvloop",
+                "--http",
+                "httptools",
+                "--no-access-log",
+                "--log-level",
+                "warning",
+                "--port",
+                str(pt_port),
+            ],
+            env={**env, "UPSTREAM": f"http://127.0.0.1:{up_port}", "PYTHONPATH": str(ROOT)},
+            cwd=ROOT,
+        )
+        procs.append(passthrough_proc)
         cfg = tmp / "config.yaml"
         import yaml
 
@@ -209,7 +268,9 @@ def main() -> None:
             )
         )
         direct, proxy = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{px_port}"
+        passthrough = f"http://127.0.0.1:{pt_port}"
         wait_http(direct + "/")
+        wait_http(passthrough + "/api/tags")
         wait_http(proxy + "/ready")
         time.sleep(1.0)
         import psutil
@@ -220,13 +281,23 @@ def main() -> None:
         unique.write_text(UNIQUE_LUA)
         httpx.post(proxy + "/api/chat", content=SAME_BODY)  # warm the cache
         rows = []
+        counts: dict[tuple[int, str], tuple[int, int]] = {}
         for conns in (1, 16):
             d = wrk(direct + "/api/chat", same, conns, args.duration)
-            h = wrk(proxy + "/api/chat", same, conns, args.duration)
-            u = wrk(proxy + "/api/chat", unique, conns, args.duration)
-            rows.append((conns, d, h, u))
+            pt = wrk(passthrough + "/api/chat", same, conns, args.duration)
+            cells = {}
+            for name, script in (("hit", same), ("unique", unique)):
+                if name == "unique":  # a new nonce for every wrk run: counters restart with each run
+                    unique.write_text(f'local nonce = "{os.urandom(4).hex()}"\n' + UNIQUE_LUA)
+                h0, m0 = cache_counts(proxy)
+                cells[name] = wrk(proxy + "/api/chat", script, conns, args.duration)
+                h1, m1 = cache_counts(proxy)
+                counts[(conns, name)] = (h1 - h0, m1 - m0)
+            rows.append((conns, d, cells["hit"], cells["unique"], pt))
         st = httpx.get(proxy + "/stats").json()
-        t_direct, t_proxy = ttfc(direct), ttfc(proxy)
+        t_direct, t_pass, t_proxy = ttfc(direct), ttfc(passthrough), ttfc(proxy)
+        cpu_pass = stream_cpu(passthrough, passthrough_proc.pid)
+        cpu_proxy = stream_cpu(proxy, procs[-1].pid)
         scaling = [(n, d, p) for (n, d), (_, p) in zip(stream_scaling(direct), stream_scaling(proxy), strict=True)]
         extra = f", + PromptInjection on {args.model}{' (ONNX)' if args.onnx else ''}" if args.model else ""
         print(f"\nproxy bench ({args.backend} cache, 1 worker, {args.duration}s per cell, wrk{extra})")
@@ -234,19 +305,37 @@ def main() -> None:
             f"{'conc':>4} {'direct rps':>11} {'hit rps':>8} {'unique rps':>11}   p50/p99 ms: "
             f"{'direct':>15} {'hit':>13} {'unique':>15} {'non2xx':>7}"
         )
-        for conns, d, h, u in rows:
+        for conns, d, h, u, _pt in rows:
             print(
                 f"{conns:>4} {d['rps']:>11.0f} {h['rps']:>8.0f} {u['rps']:>11.0f}   {'':>11} "
                 f"{d['p50_ms']:>7.2f}/{d['p99_ms']:<7.2f} {h['p50_ms']:>6.2f}/{h['p99_ms']:<6.2f} "
                 f"{u['p50_ms']:>7.2f}/{u['p99_ms']:<7.2f} {h['non2xx'] + u['non2xx']:>7}"
             )
+        print("\nreference: minimal Python pass-through (bench/passthrough.py), same run")
+        for conns, _d, h, u, pt in rows:
+            print(
+                f"c={conns:<2} pass-through {pt['rps']:>7.0f} rps (p50 {pt['p50_ms']:.2f} ms) | "
+                f"cache hit {h['rps'] / pt['rps']:.2f}x | unique {u['rps'] / pt['rps']:.2f}x of the pass-through"
+            )
+        for (conns, name), (hits, misses) in sorted(counts.items()):
+            total = hits + misses
+            note = "  <- NOT UNIQUE" if name == "unique" and total and hits / total > 0.01 else ""
+            print(f"c={conns:<2} {name:<6} verdict cache: {hits} hits, {misses} misses{note}")
+        added_pt = rows[0][4]["p50_ms"] - rows[0][1]["p50_ms"]
+        added_hit = rows[0][2]["p50_ms"] - rows[0][1]["p50_ms"]
         print(
-            f"added p50 at c=1: cache hit +{rows[0][2]['p50_ms'] - rows[0][1]['p50_ms']:.2f} ms, "
+            f"added p50 at c=1: pass-through +{added_pt:.2f} ms, cache hit +{added_hit:.2f} ms "
+            f"({added_hit / added_pt if added_pt > 0 else float('nan'):.2f}x), "
             f"unique prompts +{rows[0][3]['p50_ms'] - rows[0][1]['p50_ms']:.2f} ms"
         )
         print(
-            f"streaming time to first chunk p50: direct {t_direct:.2f} ms, proxy {t_proxy:.2f} ms "
-            f"(+{t_proxy - t_direct:.2f} ms)"
+            f"streaming time to first chunk p50: direct {t_direct:.2f} ms, pass-through {t_pass:.2f} ms "
+            f"(+{t_pass - t_direct:.2f}), proxy {t_proxy:.2f} ms (+{t_proxy - t_direct:.2f}; "
+            f"{(t_proxy - t_direct) / max(t_pass - t_direct, 1e-6):.2f}x the pass-through's)"
+        )
+        print(
+            f"CPU per 1,000 streamed chars: pass-through {cpu_pass:.2f} ms, proxy {cpu_proxy:.2f} ms "
+            f"({cpu_proxy / cpu_pass if cpu_pass else float('nan'):.2f}x)"
         )
         for n, d, p in scaling:
             print(

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 from fastapi import FastAPI
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -198,6 +198,15 @@ class Gate:
             if denial is not None:
                 response, decision = denial
                 outcome["decision"] = decision
+                if path in ROUTES and st.settings.logging.audit:
+                    # Refused at the gate (401, 403, 429): where abuse shows, so recorded like any outcome.
+                    record = {
+                        "who": scope.get("state", {}).get("client_ip"),
+                        "route": path,
+                        "decision": decision,
+                        "status": response.status_code,
+                    }
+                    audit_log.info("guarded request", extra={"audit": record, "request_id": rid})
                 await response(scope, receive, _with_decision(send_wrapped, decision))
             else:
                 await self.app(scope, receive, send_wrapped)
@@ -329,10 +338,16 @@ class Handlers:
             try:
                 return await self._guarded(request, route)
             except BadRequest as exc:
+                self._audit_failure(request, exc.status, "refused" if exc.status == 403 else "invalid")
                 return error_response(route.dialect, exc.status, exc.message, exc.code)
             except UpstreamError as exc:
                 self.st.metrics.upstream_errors.labels(exc.kind).inc()
+                self._audit_failure(request, exc.status, "error", upstream=exc.kind)
                 return error_response(route.dialect, exc.status, exc.message, "upstream_" + exc.kind)
+            except ClientDisconnect:
+                # The client went away while sending its body: nobody to answer; counted as 499, no traceback.
+                self._audit_failure(request, 499, "client_closed")
+                return Response(status_code=499)
             except GuardUnavailable as exc:
                 return error_response(
                     route.dialect,
@@ -349,6 +364,7 @@ class Handlers:
         assert st.engine is not None and st.validator is not None and st.upstream is not None
         raw = await read_body(request, s.limits.max_body_bytes, s.limits.body_read_timeout)
         req = st.validator.parse(raw, route)
+        request.scope.setdefault("state", {})["guarded"] = (req, time.perf_counter())
         assert st.policy is not None
         if st.policy.missing_required():
             # Fail closed before anything is forwarded: a required guard is not there.
@@ -398,24 +414,31 @@ class Handlers:
                 req.model,
                 s.blocked_message if s.blocked_response == "message" else None,
                 on_end=lambda v: self._stream_ended(request, req, v, relay, decision, fired, in_verdicts, started),
+                on_abandon=lambda: self._audit(
+                    request, req, "client_closed", fired, in_verdicts, [], 499, started, stream_abandoned=True
+                ),
             )
             return _stream_response(relay.__aiter__(), resp.status, up_headers + guard_headers)
         try:
-            body = await _until_disconnect(request, resp.read())
+            body = await _until_disconnect(request, Upstream.read(resp))
         finally:
             resp.release()
         if body is None:
             return Response(status_code=499)
         up_headers = response_headers(resp.headers)
-        if resp.status != 200 or not out_on:
-            self._audit(request, req, decision, fired, in_verdicts, [], resp.status, started)
-            return make_response(body, resp.status, up_headers + guard_headers)
         if resp.headers.get("Content-Encoding"):
             raise UpstreamError(502, "protocol", "Ollama sent a compressed body to a guarded route")
+        if resp.status != 200:
+            return await self._upstream_refused(request, req, resp.status, body, decision, fired, in_verdicts, started)
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError:
             raise UpstreamError(502, "protocol", "Ollama's answer is not JSON") from None
+        if not isinstance(obj, dict):
+            raise UpstreamError(502, "protocol", "Ollama's answer is not a JSON object")
+        if not out_on:
+            self._audit(request, req, decision, fired, in_verdicts, [], resp.status, started)
+            return make_response(body, resp.status, up_headers + guard_headers)
         out_verdicts, answer = await self._scan_answer(route, obj, req.prompt, vault)
         blocked_out = [v for v in out_verdicts if v.blocked]
         if blocked_out:
@@ -430,6 +453,44 @@ class Handlers:
         guard_headers[1:] = [sh] if sh else []
         self._audit(request, req, decision, fired, in_verdicts, out_verdicts, 200, started)
         return make_response(body, 200, up_headers + guard_headers)
+
+    async def _upstream_refused(
+        self,
+        request: Request,
+        req: GuardedRequest,
+        status: int,
+        body: bytes,
+        decision: str,
+        fired: list[str],
+        in_verdicts: list[Verdict],
+        started: float,
+    ) -> Response:
+        """Ollama answered with an error. A 4xx (model not found, bad option) keeps its status; anything else is
+        a broken upstream: 502. Ollama's own error text is shown when it is JSON, scanned like any output;
+        otherwise (an HTML page, a traceback) our own message."""
+        assert self.st.engine is not None
+        text: str | None = None
+        try:
+            parsed = orjson.loads(body)
+            if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
+                text = parsed["error"][:2000]
+        except orjson.JSONDecodeError:
+            pass
+        if text is not None and self.st.settings.enable_output_guard and self.st.engine.has_scanners("output"):
+            verdict = await self.st.engine.scan_window(side_scanners(self.st.engine), text, req.prompt, None)
+            text = None if verdict.blocked else verdict.text
+        client_error = 400 <= status < 500
+        answer_status = status if client_error else 502
+        message = f"Ollama: {text}" if text else f"Ollama failed (HTTP {status})"
+        self.st.metrics.upstream_errors.labels("status").inc()
+        self._audit(request, req, "error", fired, in_verdicts, [], answer_status, started, upstream_status=status)
+        return error_response(
+            req.route.dialect,
+            answer_status,
+            message,
+            "upstream_rejected" if client_error else "upstream_error",
+            [decision_header(decision if client_error else "error", sorted(set(fired)))],
+        )
 
     async def _scan_answer(self, route: Route, obj: Any, prompt: str, vault: Any) -> tuple[list[Verdict], Any]:
         """Scan every text of a whole answer: the content with every output scanner (cached), the thinking
@@ -559,6 +620,26 @@ class Handlers:
             scanned_chars=relay.scanned_chars,
         )
 
+    def _audit_failure(self, request: Request, status: int, decision: str, **extra: Any) -> None:
+        """The audit record of a guarded request that ended in an exception (a 4xx before or after parsing,
+        a 502/504, a client gone): one per request, like every other outcome."""
+        guarded = request.scope.get("state", {}).get("guarded")
+        if guarded is not None:
+            req, started = guarded
+            self._audit(request, req, decision, [], [], [], status, started, **extra)
+            return
+        if not self.st.settings.logging.audit:
+            return
+        principal = request.scope.get("state", {}).get("principal")
+        record = {
+            "who": principal.name if principal else request.scope.get("state", {}).get("client_ip"),
+            "route": request.url.path,
+            "decision": decision,
+            "status": status,
+            **extra,
+        }
+        audit_log.info("guarded request", extra={"audit": record, "request_id": request_id.get()})
+
     def _audit(
         self,
         request: Request,
@@ -627,6 +708,12 @@ class Handlers:
     async def _forward(self, request: Request) -> Response:
         st = self.st
         assert st.upstream is not None
+        raw_path = request.scope.get("raw_path", b"").decode("latin-1").lower()
+        segments = request.url.path.split("/")
+        if ".." in segments or "." in segments or "%2e" in raw_path or "%2f" in raw_path or "%5c" in raw_path:
+            # /v1/models/../../api/pull would reach Ollama as /api/pull once the client library normalises it:
+            # only the routes the proxy names are forwarded, so dot segments and encoded separators are not.
+            return error_response(dialect_of(request.url.path), 404, "path not served by the guard", "not_found")
         body: Any = None
         if request.method in ("POST", "PUT", "DELETE"):
             if request.url.path.startswith("/api/blobs/"):
@@ -691,7 +778,7 @@ class Handlers:
                 "fp16": bool(st.policy and st.policy.device and st.policy.device.fp16),
             },
             "upstream": {
-                "url": st.settings.ollama_url,
+                "url": redact_url(st.settings.ollama_url),
                 "healthy": up_ok,
                 "latency_ms": round(up_s * 1000, 2) if up_s is not None else None,
             },
@@ -716,7 +803,9 @@ class Handlers:
     async def admin_stats(self, request: Request) -> Response:
         st = self.st
         body = {
-            "settings": st.settings.model_dump(mode="json", exclude={"auth": True, "redis": {"password"}}),
+            "settings": _without_credentials(
+                st.settings.model_dump(mode="json", exclude={"auth": True, "redis": {"password"}})
+            ),
             "policy_fingerprints": st.policy.fingerprints if st.policy else {},
             "scanners": {f"{s.direction}/{s.name}": s.describe() for s in (st.policy.all() if st.policy else [])},
             "api_keys": [k.name for k in (st.auth.keys if st.auth else [])],
@@ -727,6 +816,31 @@ class Handlers:
         return error_response(
             dialect_of(request.url.path), 404, f"{request.url.path} is not served by the guard", "not_found"
         )
+
+
+def redact_url(url: str | None) -> str | None:
+    """`url` with the password of its userinfo replaced (redis://:secret@host -> redis://:***@host)."""
+    if not url:
+        return url
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _without_credentials(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings shown by /admin/stats: every URL's password redacted."""
+    redis = settings.get("redis")
+    if isinstance(redis, dict) and isinstance(redis.get("url"), str):
+        redis["url"] = redact_url(redis["url"])
+    if isinstance(settings.get("ollama_url"), str):
+        settings["ollama_url"] = redact_url(settings["ollama_url"])
+    return settings
 
 
 async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
@@ -831,10 +945,13 @@ def create_app(settings: Settings, policy: Policy | None = None) -> FastAPI:
         # dominated by ~165 ms pauses walking these objects).
         gc.collect()
         gc.freeze()
-        log.info(
-            "ollama-guard %s ready: upstream %s, device %s, input scanners [%s], output scanners [%s]",
+        missing = state.policy.missing_required()
+        log.log(
+            logging.ERROR if missing else logging.INFO,
+            "ollama-guard %s %s: upstream %s, device %s, input scanners [%s], output scanners [%s]",
             __version__,
-            settings.ollama_url,
+            f"NOT ready (required scanners missing: {', '.join(m.name for m in missing)})" if missing else "ready",
+            redact_url(settings.ollama_url),
             state.device,
             ", ".join(s.name for s in state.policy.active("input")),
             ", ".join(s.name for s in state.policy.active("output")),

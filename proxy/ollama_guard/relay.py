@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .dialects import (
     CONTENT,
@@ -44,13 +45,24 @@ log = logging.getLogger(__name__)
 
 
 DONE = object()  # the SSE stream's closing `data: [DONE]`
+# The longest stream line read: a final /api/generate chunk carries the whole `context` token array (about
+# 7 bytes a token); a longer line ends the stream with an error rather than the connection.
+MAX_LINE_BYTES = 16 * 1024 * 1024
+
+
+async def _lines(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    while True:
+        line = await resp.content.readuntil(b"\n", max_size=MAX_LINE_BYTES)
+        if not line:
+            return
+        yield line
 
 
 async def iter_events(resp: aiohttp.ClientResponse, route: Route) -> AsyncIterator[tuple[bytes, Any]]:
     """(raw event bytes as they go to the client, parsed JSON, None when it is not JSON, or DONE) for each
     NDJSON line / SSE event."""
     if route.dialect == OLLAMA:
-        async for line in resp.content:
+        async for line in _lines(resp):
             if not line.strip():
                 continue
             try:
@@ -59,7 +71,7 @@ async def iter_events(resp: aiohttp.ClientResponse, route: Route) -> AsyncIterat
                 obj = None
             yield (line if line.endswith(b"\n") else line + b"\n"), obj
         return
-    async for line in resp.content:
+    async for line in _lines(resp):
         line = line.strip()
         if not line.startswith(b"data:"):
             continue  # blank separators, comments, event names: we frame our own events
@@ -117,6 +129,7 @@ class GuardedStream:
         model: str,
         blocked_message: str | None,
         on_end: Any = None,
+        on_abandon: Any = None,
     ):
         self.resp = resp
         self.route = route
@@ -124,6 +137,8 @@ class GuardedStream:
         self.model = model
         self.blocked_message = blocked_message
         self.on_end = on_end  # called once with the violation (or None) when the stream ends in full
+        self.on_abandon = on_abandon  # called instead when the client leaves before the end
+        self.reported = False
         self.guards: list[StreamGuard] = []
         self.seg = self._segment(CONTENT)
         self.last: dict[str, Any] = {}  # the last upstream chunk: where rebuilt chunks take model, id, created
@@ -259,6 +274,11 @@ class GuardedStream:
         self.seg = self._segment(self.seg.kind)
         return out
 
+    def _report(self, violation: Verdict | None) -> None:
+        if not self.reported and self.on_end is not None:
+            self.reported = True
+            self.on_end(violation)
+
     # ---- the stream --------------------------------------------------------------------------------------
     async def _upstream_error(self, error: Any) -> str:
         """The text of an upstream error event, as the client may see it: scanned like any output."""
@@ -318,12 +338,10 @@ class GuardedStream:
                         log.warning("upstream stream unusable: %s", self.broken.split(":")[0])
                         self.resp.close()
                         yield from_broken_stream(self.route, self.last, self.model, self.broken)
-                    if self.on_end is not None:
-                        self.on_end(None)
+                    self._report(None)
             if self.violation is not None:
                 self.resp.close()  # closes the connection: Ollama stops generating
-                if self.on_end is not None:
-                    self.on_end(self.violation)
+                self._report(self.violation)
                 for piece in stopped_stream_tail(
                     self.route,
                     self.last,
@@ -333,11 +351,16 @@ class GuardedStream:
                 ):
                     yield piece
             done = self.violation is None and self.broken is None
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        except (aiohttp.ClientError, TimeoutError, ValueError, HttpProcessingError) as exc:
+            # A reset, a stall past the read timeout, a line over MAX_LINE_BYTES (LineTooLong)
             log.warning("upstream stream broke: %s", type(exc).__name__)
             self.resp.close()
+            self._report(None)
             yield from_broken_stream(self.route, self.last, self.model)
         finally:
+            if not self.reported and self.on_abandon is not None:
+                self.reported = True
+                self.on_abandon()  # the client left (Open WebUI's Stop button): recorded all the same
             # Cut short (client gone, violation, error): close the connection so Ollama stops generating.
             self.resp.release() if done else self.resp.close()
 

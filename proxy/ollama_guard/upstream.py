@@ -24,6 +24,10 @@ HOP_BY_HOP = frozenset(
         "upgrade",
         "host",
         "content-length",
+        "proxy-connection",
+        # The proxy answers `Expect: 100-continue` itself (its server reads the body); sent on, it would make
+        # Ollama wait for a continuation that never comes from us.
+        "expect",
     }
 )
 
@@ -89,6 +93,17 @@ class Upstream:
             raise UpstreamError(504, "timeout", "Ollama did not answer in time") from None
         except aiohttp.ClientError as exc:
             raise UpstreamError(502, "protocol", f"bad response from Ollama: {type(exc).__name__}") from None
+
+    @staticmethod
+    async def read(resp: aiohttp.ClientResponse) -> bytes:
+        """The whole body of a response `open` returned. Raises UpstreamError: 504 when Ollama stalls mid-body
+        past the read timeout, 502 when the body breaks off (fewer bytes than Content-Length, a reset)."""
+        try:
+            return await resp.read()
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            raise UpstreamError(504, "timeout", "Ollama stopped sending its answer") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(502, "protocol", f"Ollama's answer broke off: {type(exc).__name__}") from None
 
     async def health(self) -> tuple[bool, float | None]:
         """Ollama answers GET / with 200: (reachable, seconds)."""

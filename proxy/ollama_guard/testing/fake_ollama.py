@@ -5,6 +5,7 @@ Used by the tests, the benchmarks and the in-cluster e2e. The answer is scripted
 - ``REPEAT <n>: <text>``: answer <text> repeated n times;
 - ``RAWLINES: <JSON list of strings>``: stream exactly these lines (each framed as an NDJSON line or an SSE
   ``data:`` event) and end, as a broken or hostile upstream would;
+- ``FAULT:<name>`` anywhere in a request body: fail the way real upstreams fail, on any route (``FAULTS``);
 - anything else: a fixed harmless answer.
 A text may also script thinking and tool calls, in parts separated by `` || ``: ``THINK: <thoughts> ||
 REPLY: <answer> || TOOL: <name> <JSON object of arguments>``. Thinking streams first (native ``thinking``,
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import time
 from typing import Any
 
@@ -100,6 +102,59 @@ class Script:
         ]
 
 
+FAULTS = {
+    "short-body": "200 headers with Content-Length 196, then 65 bytes, then the connection closes",
+    "stall-body": "200 headers with Content-Length 196, then 65 bytes, then nothing for 60 s",
+    "no-answer": "nothing at all for 60 s (not even headers)",
+    "reset": "the connection closes before any answer",
+    "http500-json": 'HTTP 500 {"error": "llama runner process has terminated: FAULT-TEXT"}',
+    "http500-text": "HTTP 500 with a plain-text traceback",
+    "http404-json": 'HTTP 404 {"error": "model \'m\' not found, try pulling it first"}',
+    "garbage": "HTTP 200 application/json whose body is not JSON",
+    "empty": "HTTP 200 with an empty body",
+    "gzip-lie": "HTTP 200 claiming Content-Encoding: gzip, with a plain body",
+}
+_FAULT_RE = re.compile(rb"FAULT:([a-z0-9-]+)")
+
+
+@web.middleware
+async def faults(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Fail as a broken upstream would when the body asks for it (FAULT:<name>)."""
+    if request.method != "POST":
+        return await handler(request)
+    raw = await request.read()
+    found = _FAULT_RE.search(raw)
+    if found is None or found.group(1).decode() not in FAULTS:
+        return await handler(request)
+    name = found.group(1).decode()
+    transport = request.transport
+    assert transport is not None
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 196\r\n\r\n"
+    if name in ("short-body", "stall-body"):
+        transport.write(head + b'{"model":"m","created_at":"2025-01-01T00:00:00Z","message":{"role":"as')
+        if name == "stall-body":
+            await asyncio.sleep(60)  # cancelled when the proxy hangs up (handler_cancellation)
+        transport.close()
+        raise asyncio.CancelledError  # the connection is gone: aiohttp writes nothing more
+    if name == "no-answer":
+        await asyncio.sleep(60)  # cancelled when the proxy hangs up (handler_cancellation)
+    if name == "reset":
+        transport.close()
+        raise asyncio.CancelledError
+    if name == "http500-json":
+        return web.json_response({"error": "llama runner process has terminated: FAULT-TEXT"}, status=500)
+    if name == "http500-text":
+        return web.Response(status=500, text="Traceback (most recent call last):\n  panic: runtime error\n")
+    if name == "http404-json":
+        return web.json_response({"error": "model 'm' not found, try pulling it first"}, status=404)
+    if name == "garbage":
+        return web.Response(status=200, body=b"<html>not json", content_type="application/json")
+    if name == "empty":
+        return web.Response(status=200, body=b"", content_type="application/json")
+    lie = {"Content-Encoding": "gzip"}
+    return web.Response(status=200, body=b'{"model":"m","done":true}', content_type="application/json", headers=lie)
+
+
 def raw_lines(text: str) -> list[str] | None:
     """The lines a ``RAWLINES:`` script asks for, or None."""
     text = text.strip()
@@ -119,7 +174,7 @@ class FakeOllama:
         # growing heap makes the fake's own GC pauses show up as proxy latency.
         self.record = record
         self.requests: list[dict[str, Any]] = []
-        self.app = web.Application(client_max_size=64 * 1024 * 1024)
+        self.app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[faults])
         r = self.app.router
         r.add_get("/", self.root)
         r.add_get("/api/version", self.version)
@@ -142,7 +197,7 @@ class FakeOllama:
 
     # -- lifecycle --
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        self._runner = web.AppRunner(self.app, access_log=None)
+        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
@@ -268,7 +323,9 @@ class FakeOllama:
         answer = sc.answer
         opts = body.get("options") or {}
         base = {"model": body["model"]}
-        final = {"done_reason": "stop", "context": [1, 2, 3], "total_duration": 1234567, "eval_count": 5}
+        # options.fake_context_tokens: a final chunk carrying that many context tokens (a very long last line)
+        context = list(range(int(opts.get("fake_context_tokens", 3))))
+        final = {"done_reason": "stop", "context": context, "total_duration": 1234567, "eval_count": 5}
         thought = {"thinking": sc.thinking} if sc.thinking else {}
         if not body.get("stream", True):
             return web.Response(
@@ -288,6 +345,8 @@ class FakeOllama:
             for c in chunks(answer, size)
             if c or not parts
         ]
+        if opts.get("fake_line_bytes"):  # options.fake_line_bytes: one chunk whose line is that long
+            parts.append({**base, "response": "x" * int(opts["fake_line_bytes"]), "done": False})
         parts.append({**base, "created_at": _created_at(), "response": "", "done": True, **final})
         return await self._ndjson(request, parts, float(opts.get("fake_delay_ms", 0)))
 
@@ -479,7 +538,7 @@ def main(argv: list[str] | None = None) -> None:
         uvloop.install()
     except ImportError:
         pass
-    web.run_app(fake.app, host=args.host, port=args.port, access_log=None, print=None)
+    web.run_app(fake.app, host=args.host, port=args.port, access_log=None, print=None, handler_cancellation=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,219 @@
+"""A misbehaving upstream, on every guarded route and stream mode: never a 500, never a hang, one audit record.
+
+The fake Ollama fails as real upstreams fail when a body carries FAULT:<name> (fake_ollama.FAULTS): a body cut
+short after its headers, a stall mid-body, no answer at all, a reset, HTTP 500 as JSON or as text, a 404, a
+body that is not JSON, an empty body, a gzip lie. For each: the client gets a well-formed answer in its
+dialect with the status the README's table gives, exactly one audit record, and the proxy keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from .conftest import wait_for
+from .policies import pure
+
+pytestmark = pytest.mark.slow
+
+ROUTES = {
+    "/api/chat": lambda t, s: {"model": "m", "stream": s, "messages": [{"role": "user", "content": t}]},
+    "/api/generate": lambda t, s: {"model": "m", "stream": s, "prompt": t},
+    "/api/embed": lambda t, s: {"model": "m", "input": t},
+    "/api/embeddings": lambda t, s: {"model": "m", "prompt": t},
+    "/v1/chat/completions": lambda t, s: {"model": "m", "stream": s, "messages": [{"role": "user", "content": t}]},
+    "/v1/completions": lambda t, s: {"model": "m", "stream": s, "prompt": t},
+    "/v1/embeddings": lambda t, s: {"model": "m", "input": t},
+}
+# Faults that arrive after Ollama's 200 headers: a stream has started by then.
+AFTER_HEADERS = {"short-body", "stall-body", "garbage", "empty"}
+STREAMABLE = {"/api/chat", "/api/generate", "/v1/chat/completions", "/v1/completions"}
+CASES = [(path, stream) for path in ROUTES for stream in ((False, True) if path in STREAMABLE else (False,))]
+# fault -> the status the client gets
+EXPECTED = {
+    "short-body": 502,
+    "stall-body": 504,
+    "no-answer": 504,
+    "reset": 502,
+    "http500-json": 502,
+    "http500-text": 502,
+    "http404-json": 404,
+    "garbage": 502,
+    "empty": 502,
+    "gzip-lie": 502,
+}
+
+
+@pytest.fixture(scope="module")
+def proxy(upstream):
+    from ollama_guard.settings import load_settings
+
+    from .conftest import running_proxy
+
+    overrides = pure(ollama_url=upstream.url, limits={"upstream_timeout": 1.0})
+    with running_proxy(load_settings(overrides=overrides, environ={})) as p:
+        yield p
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.audit: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "audit", None) is not None:
+            self.audit.append(record.audit)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def audit():
+    handler = Records()
+    logger = logging.getLogger("ollama_guard.audit")
+    logger.addHandler(handler)
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(previous)
+
+
+def error_message(path: str, body: Any) -> str:
+    return body["error"]["message"] if path.startswith("/v1/") else body["error"]
+
+
+@pytest.mark.parametrize("fault", list(EXPECTED))
+@pytest.mark.parametrize(("path", "stream"), CASES, ids=[f"{p}-{'stream' if s else 'whole'}" for p, s in CASES])
+def test_a_broken_upstream_gets_a_well_formed_answer_and_one_audit_record(
+    proxy, audit: Records, path: str, stream: bool, fault: str
+) -> None:
+    started = time.monotonic()
+    r = httpx.post(proxy.url + path, json=ROUTES[path](f"FAULT:{fault}", stream), timeout=30)
+    assert time.monotonic() - started < 20  # bounded by the configured timeouts, not the fault's 60 s
+    expected = EXPECTED[fault]
+    if stream and fault in AFTER_HEADERS:
+        # Ollama's 200 and the stream's headers went out first: the stream ends with the dialect's error.
+        expected = 200
+        lines = [line for line in r.text.splitlines() if line.strip()]
+        if path.startswith("/v1/"):
+            assert lines[-1] == "data: [DONE]"
+            body = json.loads(lines[-2].removeprefix("data: "))
+        else:
+            body = json.loads(lines[-1])
+    else:
+        body = r.json()
+    assert r.status_code == expected, r.text
+    message = error_message(path, body)
+    assert message and "Traceback" not in message
+    if fault == "http500-json":
+        assert "llama runner process has terminated" in message  # Ollama's JSON error, shown (scanned)
+    wait_for(lambda: len(audit.audit) >= 1, 5, "an audit record")
+    records = [a for a in audit.audit if a.get("route") == path]
+    assert len(records) == 1, audit.audit
+    assert records[0]["status"] == expected
+    # The proxy keeps serving.
+    ok = httpx.post(proxy.url + path, json=ROUTES[path]("REPLY: fine", False), timeout=30)
+    assert ok.status_code == 200
+
+
+def test_a_streamed_line_too_long_ends_the_stream_well_formed_and_a_long_final_line_passes(proxy) -> None:
+    tokens = 200_000  # about 1.4 MB of context on the final line: more than aiohttp's default line limit
+    body = {"model": "m", "prompt": "REPLY: Hi.", "options": {"fake_context_tokens": tokens}}
+    ok = httpx.post(proxy.url + "/api/generate", json=body, timeout=30)
+    final = json.loads(ok.text.splitlines()[-1])
+    assert final["done"] is True and len(final["context"]) == tokens
+    body = {"model": "m", "prompt": "REPLY: Hi.", "options": {"fake_line_bytes": 17 * 1024 * 1024}}
+    r = httpx.post(proxy.url + "/api/generate", json=body, timeout=60)
+    assert r.status_code == 200 and "error" in json.loads(r.text.splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/models/../../api/pull",
+        "/v1/models/..%2F..%2Fapi%2Fpull",
+        "/v1/models/%2e%2e/%2e%2e/api/delete",
+        "/v1/models/./x",
+    ],
+)
+def test_path_tricks_never_reach_ollama(proxy, upstream, path: str) -> None:
+    before = len(upstream.requests)
+    with httpx.Client() as client:
+        request = client.build_request("GET", proxy.url + "/")
+        request.url = request.url.copy_with(raw_path=path.encode())
+        r = client.send(request)
+    assert r.status_code == 404
+    assert len(upstream.requests) == before
+
+
+def test_expect_100_continue_is_not_forwarded(proxy, upstream) -> None:
+    before = len(upstream.requests)
+    r = httpx.post(
+        proxy.url + "/api/chat",
+        json=ROUTES["/api/chat"]("REPLY: fine", False),
+        headers={"Expect": "100-continue"},
+    )
+    assert r.status_code == 200
+    assert "expect" not in {k.lower() for k in upstream.requests[before]["headers"]}
+
+
+def test_admin_stats_never_show_a_password_inside_a_url(start_proxy) -> None:
+    p = start_proxy(
+        **pure(
+            redis={"url": "redis://:hunter2-secret@127.0.0.1:1/0"},
+            cache={"backend": "memory"},
+            auth={"admin_token": "admin-test-token"},
+        )
+    )
+    r = httpx.get(p.url + "/admin/stats", headers={"Authorization": "Bearer admin-test-token"})
+    assert r.status_code == 200, r.text
+    assert "hunter2-secret" not in r.text and "***" in r.text
+
+
+# -- misbehaving clients, and the audit record of each outcome ---------------------------------------------
+
+
+def test_a_request_refused_at_the_gate_is_audited(start_proxy, audit: Records) -> None:
+    import hashlib
+
+    key_hash = hashlib.sha256(b"the-key").hexdigest()
+    p = start_proxy(**pure(auth={"enabled": True, "api_keys": [{"name": "team-a", "sha256": key_hash}]}))
+    r = httpx.post(p.url + "/api/chat", json=ROUTES["/api/chat"]("hi", False))
+    assert r.status_code == 401
+    record = wait_for(lambda: [a for a in audit.audit if a.get("status") == 401], 5, "the gate's audit record")[0]
+    assert record["route"] == "/api/chat" and record["decision"] == "denied"
+
+
+def test_a_stream_the_client_abandons_is_audited(proxy, audit: Records) -> None:
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "REPEAT 200: words and more words. "}],
+        "options": {"fake_chunk_chars": 4, "fake_delay_ms": 20},
+    }
+    with httpx.Client(timeout=30) as client, client.stream("POST", proxy.url + "/api/chat", json=body) as r:
+        for _ in r.iter_raw():
+            break  # Open WebUI's Stop button: the client goes away mid-stream
+    record = wait_for(
+        lambda: [a for a in audit.audit if a.get("stream_abandoned")], 10, "the abandoned stream's record"
+    )
+    assert record[0]["status"] == 499 and record[0]["decision"] == "client_closed"
+
+
+def test_a_client_that_leaves_mid_body_is_counted_as_499_not_500(proxy, audit: Records) -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(proxy.url)
+    with socket.create_connection((url.hostname, url.port)) as s:
+        s.sendall(
+            b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+            b'{"model":"m",'
+        )
+    record = wait_for(lambda: [a for a in audit.audit if a.get("status") == 499], 10, "a 499 record")
+    assert record[0]["decision"] == "client_closed"
+    metrics = httpx.get(proxy.url + "/metrics").text
+    assert 'status="500"' not in metrics

@@ -752,6 +752,12 @@ class Handlers:
             reasons += [
                 f"required scanner {s.direction}/{s.name} missing: {s.missing}" for s in st.policy.missing_required()
             ]
+        cache_cfg = st.settings.cache
+        if cache_cfg.enabled and cache_cfg.backend == "redis" and st.cache is not None:
+            # `redis` is the strict setting: a replica without the shared cache is taken out of rotation
+            # (it still answers what reaches it, from memory); `auto` stays ready and falls back.
+            if not await st.cache.reachable():
+                reasons.append("cache.backend is redis and Redis does not answer")
         body = {"ready": not reasons, **({"reasons": reasons} if reasons else {})}
         return make_response(orjson.dumps(body), 503 if reasons else 200, [], "application/json")
 

@@ -48,6 +48,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=settings.proxy_host,
         port=settings.proxy_port,
         log_level="warning",
+        # uvicorn's own lines ("Invalid HTTP request received.") go through our handler: JSON like the rest.
+        log_config=None,
         access_log=False,
         proxy_headers=False,
         server_header=False,

@@ -60,3 +60,16 @@ class RedisBacked:
 
     def _use_redis(self) -> bool:
         return self.redis is not None and self.state.should_try()
+
+    async def reachable(self) -> bool:
+        """Whether Redis answers a PING now (and the state knows it); False without a Redis client."""
+        if self.redis is None:
+            return False
+        client = getattr(self.redis, "client", self.redis)  # the cache wraps its client, the limiter does not
+        try:
+            await client.ping()
+        except Exception as exc:  # noqa: BLE001 - any failure means not reachable
+            self.state.failed(exc)
+            return False
+        self.state.succeeded()
+        return True

@@ -64,7 +64,9 @@ class CacheConfig(_Section):
     enabled: bool = True
     """Cache scan verdicts per text."""
     backend: Literal["auto", "redis", "memory"] = "memory"
-    """`auto`: Redis, falling back to memory while Redis fails; `redis`; `memory`."""
+    """`auto`: Redis, falling back to memory while Redis fails; `redis`: the same fallback for requests, but
+    `/ready` fails while Redis does not answer, so a replica without the shared cache leaves the Service;
+    `memory`."""
     ttl: int = Field(3600, ge=1)
     """Seconds a verdict is kept."""
     max_size: int = Field(10000, ge=1)

@@ -115,6 +115,12 @@ def test_a_broken_upstream_gets_a_well_formed_answer_and_one_audit_record(
     records = [a for a in audit.audit if a.get("route") == path]
     assert len(records) == 1, audit.audit
     assert records[0]["status"] == expected
+    # One metrics label for the outcome: the request counter has this route at this status.
+    metrics = httpx.get(proxy.url + "/metrics").text
+    assert any(
+        line.startswith("ollama_guard_requests_total{") and f'route="{path}"' in line and f'status="{expected}"' in line
+        for line in metrics.splitlines()
+    ), [line for line in metrics.splitlines() if line.startswith("ollama_guard_requests_total{")]
     # The proxy keeps serving.
     ok = httpx.post(proxy.url + path, json=ROUTES[path]("REPLY: fine", False), timeout=30)
     assert ok.status_code == 200
@@ -217,3 +223,39 @@ def test_a_client_that_leaves_mid_body_is_counted_as_499_not_500(proxy, audit: R
     assert record[0]["decision"] == "client_closed"
     metrics = httpx.get(proxy.url + "/metrics").text
     assert 'status="500"' not in metrics
+
+
+def test_every_log_line_of_the_served_proxy_is_json_even_uvicorns(upstream, tmp_path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from .conftest import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ollama_guard.cli", "serve", "--port", str(port), "--ollama-url", upstream.url],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+    )
+    try:
+        wait_for(lambda: _answers(f"http://127.0.0.1:{port}/health"), 60, "the proxy to serve")
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"THIS IS NOT HTTP\r\n\r\n")
+            s.recv(100)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    lines = [line for line in err.decode().splitlines() if line.strip()]
+    assert lines, "the proxy logged nothing"
+    for line in lines:
+        json.loads(line)  # every line, uvicorn's warning about the bad request included
+    assert any("Invalid HTTP request" in line for line in lines)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

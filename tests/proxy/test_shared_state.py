@@ -187,3 +187,16 @@ def test_redis_state_stays_down_until_a_call_succeeds():
     assert state.backend == "redis"
     state.failed(TimeoutError())
     assert (state.errors, state.fallbacks) == (3, 2)
+
+
+def test_strict_redis_cache_takes_the_replica_out_of_rotation_while_redis_is_down(start_proxy, redis):
+    p = start_proxy(
+        **pure(redis={"url": redis.url, "retry_interval": 0.2, "socket_timeout": 0.5}, cache={"backend": "redis"})
+    )
+    assert httpx.get(p.url + "/ready").status_code == 200
+    redis.kill()
+    r = wait_for(lambda: (r := httpx.get(p.url + "/ready")).status_code == 503 and r, 10, "not ready without Redis")
+    assert "Redis does not answer" in " ".join(r.json()["reasons"])
+    assert chat(p.url, "REPLY: still served").status_code == 200  # what reaches it is served, from memory
+    redis.start()
+    wait_for(lambda: httpx.get(p.url + "/ready").status_code == 200, 10, "ready again with Redis")

@@ -165,7 +165,7 @@ REQUESTS: dict[tuple[str, str], dict[str, Any]] = {
         "stream": None,
         "response_format": None,
         "tools": [TOOL],
-        "reasoning": None,
+        "reasoning": {"effort": None},  # settings, not text: the model never reads them
         "reasoning_effort": None,
         **_OPENAI_SAMPLING,
         **_OPENAI_EXTRA,

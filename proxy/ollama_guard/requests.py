@@ -169,11 +169,13 @@ class Validator:
         if not isinstance(node, dict):
             return
         for key, value in node.items():
-            if key == "description" and isinstance(value, str):
+            if key == "description" and value is not None:
+                # A string in Ollama's structs; anything else is refused rather than passed unread.
+                self._text(value, f"{where}.description")
                 if value:
-                    self._text(value, f"{where}.description")
                     req.targets.append(Target(node, key, "tool_definition"))
-            elif key == "enum" and isinstance(value, list):
+            elif key == "enum" and value is not None:
+                _expect(isinstance(value, list), f"{where}.enum must be a list")
                 for j, option in enumerate(value):
                     if isinstance(option, str) and option:
                         self._text(option, f"{where}.enum[{j}]")
@@ -276,6 +278,8 @@ class Validator:
 
     def _openai_chat(self, req: GuardedRequest) -> None:
         self._openai_choices(req)
+        reasoning = req.body.get("reasoning")
+        _expect(reasoning is None or isinstance(reasoning, dict), "reasoning must be an object ({effort})")
         self._tool_descriptions(req)
         for i, m, role in self._messages(req, required=True):
             for key in ("reasoning", "reasoning_content"):

@@ -1,0 +1,96 @@
+"""Operations endpoints: /health, /ready, /metrics, /stats, and the 404 for every route the proxy does not
+serve (never forwarded)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from . import __version__
+from .admin import redact_url
+from .dialects import OLLAMA
+from .responses import dialect_of, error_response, make_response
+from .state import ProxyState
+
+
+class OpsEndpoints:
+    def __init__(self, state: ProxyState):
+        self.st = state
+
+    async def health(self, request: Request) -> Response:
+        st = self.st
+        policy = st.policy
+        body = {
+            "status": "ok",
+            "version": __version__,
+            "device": st.device,
+            "ready": bool(policy and policy.ready),
+            "guards": {"input": st.settings.enable_input_guard, "output": st.settings.enable_output_guard},
+            "scanners": {f"{s.direction}/{s.name}": s.describe() for s in (policy.all() if policy else [])},
+        }
+        missing = [f"{s.direction}/{s.name}: {s.missing}" for s in (policy.all() if policy else []) if s.missing]
+        if missing:
+            body["problems"] = missing
+        return make_response(orjson.dumps(body), 200, [], "application/json")
+
+    async def ready(self, request: Request) -> Response:
+        st = self.st
+        reasons = list(st.ready_reasons)
+        if st.policy is None:
+            reasons.append("scanners not loaded yet")
+        else:
+            reasons += [
+                f"required scanner {s.direction}/{s.name} missing: {s.missing}" for s in st.policy.missing_required()
+            ]
+        cache_cfg = st.settings.cache
+        if cache_cfg.enabled and cache_cfg.backend == "redis" and st.cache is not None:
+            # `redis` is the strict setting: a replica without the shared cache is taken out of rotation
+            # (it still answers what reaches it, from memory); `auto` stays ready and falls back.
+            if not await st.cache.reachable():
+                reasons.append("cache.backend is redis and Redis does not answer")
+        body = {"ready": not reasons, **({"reasons": reasons} if reasons else {})}
+        return make_response(orjson.dumps(body), 503 if reasons else 200, [], "application/json")
+
+    async def metrics(self, request: Request) -> Response:
+        if not self.st.settings.metrics_enabled:
+            return error_response(OLLAMA, 404, "metrics are disabled", "not_found")
+        self.st.metrics.sample_process(self.st.device)
+        data, ctype = self.st.metrics.render()
+        return make_response(data, 200, [], ctype)
+
+    async def stats(self, request: Request) -> Response:
+        import platform
+
+        st = self.st
+        assert st.upstream is not None
+        up_ok, up_s = await st.upstream.health()
+        body: dict[str, Any] = {
+            "version": __version__,
+            "platform": {
+                "system": platform.system(),
+                "machine": platform.machine(),
+                "python": platform.python_version(),
+                "device": st.device,
+                "fp16": bool(st.policy and st.policy.device and st.policy.device.fp16),
+            },
+            "upstream": {
+                "url": redact_url(st.settings.ollama_url),
+                "healthy": up_ok,
+                "latency_ms": round(up_s * 1000, 2) if up_s is not None else None,
+            },
+            "cache": await st.cache.stats() if st.cache else {"enabled": False},
+            "rate_limit": {
+                "enabled": st.limiter is not None,
+                "backend": st.limiter.backend if st.limiter else None,
+            },
+            **st.stats.snapshot(),
+        }
+        return make_response(orjson.dumps(body), 200, [], "application/json")
+
+    async def not_found(self, request: Request) -> Response:
+        return error_response(
+            dialect_of(request.url.path), 404, f"{request.url.path} is not served by the guard", "not_found"
+        )

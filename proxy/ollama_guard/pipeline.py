@@ -1,0 +1,452 @@
+"""Stage 2, the guarded route: the pipeline every generating or embedding request goes through.
+
+    read the body (size cap, time limit) -> read it as Ollama does and validate (requests.py, mediation.py)
+    -> scan the input texts (cached per text) -> forward the body built from what was scanned
+    -> scan the answer (whole, or incrementally while streaming, relay.py) -> respond in the caller's dialect
+
+`GuardedRoutes.guarded(route)` is the error boundary: every exception a stage raises becomes the dialect's
+answer there, and only there (BadRequest -> 4xx, UpstreamError -> 502/504, GuardUnavailable -> 503, a client
+gone mid-body -> 499, anything unexpected -> 503 with its traceback logged), with one metrics label (the
+gate's) and one audit record per request: written by `_audit` where the outcome is known, by the boundary when
+a stage raised, and when a stream ends (whole, stopped, broken or abandoned).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import orjson
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+
+from .dialects import (
+    CONTENT,
+    OLLAMA,
+    BadRequest,
+    Route,
+    blocked_message_response,
+    blocked_message_stream,
+    chunk_parts,
+    tool_call_texts,
+    with_text,
+    with_tool_call_texts,
+)
+from .logs import audit_log, request_id
+from .relay import GuardedStream
+from .requests import GuardedRequest
+from .responses import (
+    decision_header,
+    error_response,
+    iter_list,
+    make_response,
+    raw_relay,
+    scan_header,
+    stream_response,
+    until_disconnect,
+)
+from .scanning.engine import GuardUnavailable, Verdict
+from .scanning.registry import new_vault
+from .scanning.stream import StreamGuard, side_scanners
+from .state import ProxyState
+from .upstream import Upstream, UpstreamError, forward_headers, response_headers
+
+log = logging.getLogger("ollama_guard.app")
+
+# Guarded routes ask Ollama for an uncompressed body (we parse it); these headers are ours, not Ollama's.
+_DROP_GUARDED = frozenset({"accept-encoding", "authorization", "x-api-key", "cookie"})
+
+
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadRequest("invalid Content-Length")
+        if int(declared) > limit:
+            raise BadRequest(f"request body larger than {limit} bytes", 413, "body_too_large")
+
+    async def collect() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BadRequest(f"request body larger than {limit} bytes", 413, "body_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(collect(), timeout)
+    except TimeoutError:
+        raise BadRequest("request body not received in time", 408, "body_timeout") from None
+
+
+class GuardedRoutes:
+    def __init__(self, state: ProxyState):
+        self.st = state
+
+    # -- guarded routes --
+    def guarded(self, route: Route) -> Callable[[Request], Awaitable[Response]]:
+        async def handler(request: Request) -> Response:
+            try:
+                return await self._guarded(request, route)
+            except BadRequest as exc:
+                self._audit_failure(request, exc.status, "refused" if exc.status == 403 else "invalid")
+                return error_response(route.dialect, exc.status, exc.message, exc.code)
+            except UpstreamError as exc:
+                self.st.metrics.upstream_errors.labels(exc.kind).inc()
+                self._audit_failure(request, exc.status, "error", upstream=exc.kind)
+                return error_response(route.dialect, exc.status, exc.message, "upstream_" + exc.kind)
+            except ClientDisconnect:
+                # The client went away while sending its body: nobody to answer; counted as 499, no traceback.
+                self._audit_failure(request, 499, "client_closed")
+                return Response(status_code=499)
+            except GuardUnavailable as exc:
+                self._audit_failure(request, 503, "error", missing=str(exc))
+                return error_response(
+                    route.dialect,
+                    503,
+                    f"guard not ready: required scanners missing ({exc})",
+                    "guard_unavailable",
+                    [decision_header("error", str(exc).split(", "))],
+                )
+            except Exception:
+                # A fault of the guard itself: fail closed with a 503 in the dialect, never a bare 500.
+                log.exception("guarded request failed")
+                self._audit_failure(request, 503, "error", internal=True)
+                return error_response(
+                    route.dialect,
+                    503,
+                    "the guard failed on this request; it was not forwarded",
+                    "guard_error",
+                    [decision_header("error", [])],
+                )
+
+        return handler
+
+    async def _guarded(self, request: Request, route: Route) -> Response:
+        st, s = self.st, self.st.settings
+        assert st.engine is not None and st.validator is not None and st.upstream is not None
+        raw = await read_body(request, s.limits.max_body_bytes, s.limits.body_read_timeout)
+        req = st.validator.parse(raw, route)
+        request.scope.setdefault("state", {})["guarded"] = (req, time.perf_counter())
+        assert st.policy is not None
+        if st.policy.missing_required():
+            # Fail closed before anything is forwarded: a required guard is not there.
+            raise GuardUnavailable(", ".join(x.name for x in st.policy.missing_required()))
+        started = time.perf_counter()
+        vault = new_vault() if st.policy.needs_vault() else None
+        in_verdicts: list[Verdict] = []
+        decision, fired = "allowed", []
+        if s.enable_input_guard and st.engine.has_scanners("input") and req.targets:
+            in_verdicts = await st.engine.scan_many("input", [t.text for t in req.targets], vault=vault)
+            blocked = [v for v in in_verdicts if v.blocked]
+            if blocked:
+                return self._blocked(request, req, blocked, "input", started)
+            for t, v in zip(req.targets, in_verdicts, strict=True):
+                if v.sanitized:
+                    t.set(v.text)
+                    decision = "sanitized"
+                fired.extend(v.fired)
+        # Send what was read and scanned (mediation.py): the body as parsed, never the client's bytes.
+        raw = orjson.dumps(req.body)
+        headers = forward_headers(request.headers.items(), _DROP_GUARDED)
+        headers.append(("Accept-Encoding", "identity"))
+        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        up_started = time.perf_counter()
+        resp = await until_disconnect(request, st.upstream.open("POST", path, headers, raw))
+        if resp is None:
+            return Response(status_code=499)
+        st.metrics.upstream_seconds.labels(route.path).observe(time.perf_counter() - up_started)
+        guard_headers = [decision_header(decision, sorted(set(fired)))]
+        sh = scan_header(("input", in_verdicts))
+        if sh:
+            guard_headers.append(sh)
+        out_on = (
+            s.enable_output_guard
+            and st.engine.has_scanners("output")
+            and route.kind in ("chat", "generate", "completion")
+        )
+        if req.stream and resp.status == 200 and resp.headers.get("Content-Encoding") is None:
+            up_headers = response_headers(resp.headers)
+            if not out_on:
+                return stream_response(raw_relay(resp), resp.status, up_headers + guard_headers)
+            engine = st.engine
+            relay: GuardedStream = GuardedStream(
+                resp,
+                route,
+                lambda side: StreamGuard(engine, s, prompt=req.prompt, vault=vault, side=side),
+                req.model,
+                s.blocked_message if s.blocked_response == "message" else None,
+                on_end=lambda v: self._stream_ended(request, req, v, relay, decision, fired, in_verdicts, started),
+                on_abandon=lambda: self._audit(
+                    request, req, "client_closed", fired, in_verdicts, [], 499, started, stream_abandoned=True
+                ),
+            )
+            return stream_response(relay.__aiter__(), resp.status, up_headers + guard_headers)
+        try:
+            body = await until_disconnect(request, Upstream.read(resp))
+        finally:
+            resp.release()
+        if body is None:
+            return Response(status_code=499)
+        up_headers = response_headers(resp.headers)
+        if resp.headers.get("Content-Encoding"):
+            raise UpstreamError(502, "protocol", "Ollama sent a compressed body to a guarded route")
+        if resp.status != 200:
+            return await self._upstream_refused(request, req, resp.status, body, decision, fired, in_verdicts, started)
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(502, "protocol", "Ollama's answer is not JSON") from None
+        if not isinstance(obj, dict):
+            raise UpstreamError(502, "protocol", "Ollama's answer is not a JSON object")
+        if not out_on:
+            self._audit(request, req, decision, fired, in_verdicts, [], resp.status, started)
+            return make_response(body, resp.status, up_headers + guard_headers)
+        out_verdicts, answer = await self._scan_answer(route, obj, req.prompt, vault)
+        blocked_out = [v for v in out_verdicts if v.blocked]
+        if blocked_out:
+            return self._blocked(request, req, blocked_out, "output", started, in_verdicts)
+        for v in out_verdicts:
+            fired.extend(v.fired)
+        if answer is not obj:
+            body = orjson.dumps(answer)
+            decision = "sanitized"
+        guard_headers[0] = decision_header(decision, sorted(set(fired)))
+        sh = scan_header(("input", in_verdicts), ("output", out_verdicts))
+        guard_headers[1:] = [sh] if sh else []
+        self._audit(request, req, decision, fired, in_verdicts, out_verdicts, 200, started)
+        return make_response(body, 200, up_headers + guard_headers)
+
+    async def _upstream_refused(
+        self,
+        request: Request,
+        req: GuardedRequest,
+        status: int,
+        body: bytes,
+        decision: str,
+        fired: list[str],
+        in_verdicts: list[Verdict],
+        started: float,
+    ) -> Response:
+        """Ollama answered with an error. A 4xx (model not found, bad option) keeps its status; anything else is
+        a broken upstream: 502. Ollama's own error text is shown when it is JSON, scanned like any output;
+        otherwise (an HTML page, a traceback) our own message."""
+        assert self.st.engine is not None
+        text: str | None = None
+        try:
+            parsed = orjson.loads(body)
+            if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
+                text = parsed["error"][:2000]
+        except orjson.JSONDecodeError:
+            pass
+        if text is not None and self.st.settings.enable_output_guard and self.st.engine.has_scanners("output"):
+            verdict = await self.st.engine.scan_window(side_scanners(self.st.engine), text, req.prompt, None)
+            text = None if verdict.blocked else verdict.text
+        client_error = 400 <= status < 500
+        answer_status = status if client_error else 502
+        message = f"Ollama: {text}" if text else f"Ollama failed (HTTP {status})"
+        self.st.metrics.upstream_errors.labels("status").inc()
+        self._audit(request, req, "error", fired, in_verdicts, [], answer_status, started, upstream_status=status)
+        return error_response(
+            req.route.dialect,
+            answer_status,
+            message,
+            "upstream_rejected" if client_error else "upstream_error",
+            [decision_header(decision if client_error else "error", sorted(set(fired)))],
+        )
+
+    async def _scan_answer(self, route: Route, obj: Any, prompt: str, vault: Any) -> tuple[list[Verdict], Any]:
+        """Scan every text of a whole answer: the content with every output scanner (cached), the thinking
+        and each tool call's arguments with all but the answer-only ones. Returns the verdicts and the answer
+        to send: the same object when nothing was sanitized, a rewritten copy when something was."""
+        engine = self.st.engine
+        assert engine is not None
+        side = side_scanners(engine)
+        calls = tool_call_texts(route, obj) if side else []  # no scanner watches anything but the answer
+        targets = [(ch, t) for ch, t in chunk_parts(route, obj) if ch == CONTENT or side]
+        targets += [("tool", t) for t in calls if t]
+
+        async def scan(channel: str, text: str) -> Verdict:
+            if channel == CONTENT:
+                return (await engine.scan_many("output", [text], prompt=prompt, vault=vault))[0]
+            return await engine.scan_window(side, text, prompt, vault)
+
+        verdicts = list(await asyncio.gather(*(scan(ch, t) for ch, t in targets)))
+        if any(v.blocked for v in verdicts) or not any(v.sanitized for v in verdicts):
+            return verdicts, obj
+        answer = obj
+        for (ch, _), v in zip(targets, verdicts, strict=True):
+            if v.sanitized and ch != "tool":
+                answer = with_text(route, answer, v.text, ch)
+        tool_verdicts = iter(v for (ch, _), v in zip(targets, verdicts, strict=True) if ch == "tool")
+        new_calls = [next(tool_verdicts).text if t else t for t in calls]
+        if new_calls != calls:
+            rewritten = with_tool_call_texts(route, answer, new_calls)
+            if rewritten is None:  # sanitized arguments that no longer parse cannot be sent
+                for v in verdicts:
+                    v.blocked = v.blocked or v.sanitized
+                return verdicts, obj
+            answer = rewritten
+        return verdicts, answer
+
+    def _blocked(
+        self,
+        request: Request,
+        req: GuardedRequest,
+        verdicts: list[Verdict],
+        direction: str,
+        started: float,
+        earlier: Sequence[Verdict] = (),
+    ) -> Response:
+        s = self.st.settings
+        names = sorted({n for v in verdicts for n in (v.blocked_by or v.fired)})
+        errored = any(v.error for v in verdicts) and not any(
+            not r.valid and r.error is None and r.action == "block" for v in verdicts for r in v.results
+        )
+        decision = "error" if errored else "blocked"
+        headers = [decision_header(decision, names)]
+        sh = scan_header((direction, verdicts))
+        if sh:
+            headers.append(sh)
+        self._audit(
+            request,
+            req,
+            decision,
+            names,
+            list(earlier) if direction == "output" else verdicts,
+            verdicts if direction == "output" else [],
+            403,
+            started,
+        )
+        if s.blocked_response == "message" and req.route.kind in ("chat", "generate", "completion") and not errored:
+            if req.stream:
+                return stream_response(
+                    iter_list(blocked_message_stream(req.route, req.model, s.blocked_message)),
+                    200,
+                    headers,
+                    "application/x-ndjson" if req.route.dialect == OLLAMA else "text/event-stream",
+                )
+            return make_response(
+                blocked_message_response(req.route, req.model, s.blocked_message),
+                200,
+                headers,
+                "application/json",
+            )
+        if errored:
+            return error_response(
+                req.route.dialect,
+                503,
+                f"a guard failed while checking the {direction} "
+                f"({', '.join(names)}); refused because block_on_guard_error is on",
+                "guard_error",
+                headers,
+            )
+        what = "prompt" if direction == "input" else "answer"
+        return error_response(
+            req.route.dialect,
+            403,
+            f"The {what} was blocked by the guard: {', '.join(names)}.",
+            f"{'prompt' if direction == 'input' else 'output'}_blocked",
+            headers,
+        )
+
+    def _stream_ended(
+        self,
+        request: Request,
+        req: GuardedRequest,
+        violation: Verdict | None,
+        relay: GuardedStream,
+        decision: str,
+        fired: list[str],
+        in_verdicts: list[Verdict],
+        started: float,
+    ) -> None:
+        """The audit record of a streamed answer, written when the stream has ended (stopped or whole)."""
+        out = Verdict("", violation is not None, relay.sanitized, False, relay.results)
+        if violation is not None:
+            names = violation.blocked_by or violation.fired
+            for n in names:
+                self.st.metrics.streams_stopped.labels(req.route.dialect, n).inc()
+            self._audit(request, req, "blocked", names, in_verdicts, [out], 200, started, stream_stopped=True)
+            return
+        if relay.sanitized:
+            decision = "sanitized"
+        self._audit(
+            request,
+            req,
+            decision,
+            fired + out.fired,
+            in_verdicts,
+            [out],
+            200,
+            started,
+            scanned_chars=relay.scanned_chars,
+        )
+
+    def _audit_failure(self, request: Request, status: int, decision: str, **extra: Any) -> None:
+        """The audit record of a guarded request that ended in an exception (a 4xx before or after parsing,
+        a 502/504, a client gone): one per request, like every other outcome."""
+        guarded = request.scope.get("state", {}).get("guarded")
+        if guarded is not None:
+            req, started = guarded
+            self._audit(request, req, decision, [], [], [], status, started, **extra)
+            return
+        if not self.st.settings.logging.audit:
+            return
+        principal = request.scope.get("state", {}).get("principal")
+        record = {
+            "who": principal.name if principal else request.scope.get("state", {}).get("client_ip"),
+            "route": request.url.path,
+            "decision": decision,
+            "status": status,
+            **extra,
+        }
+        audit_log.info("guarded request", extra={"audit": record, "request_id": request_id.get()})
+
+    def _audit(
+        self,
+        request: Request,
+        req: GuardedRequest,
+        decision: str,
+        fired: list[str],
+        in_v: list[Verdict],
+        out_v: list[Verdict],
+        status: int,
+        started: float,
+        **extra: Any,
+    ) -> None:
+        s = self.st.settings
+        if not s.logging.audit:
+            return
+        principal = request.scope.get("state", {}).get("principal")
+        # Per scanner and direction: the highest score among those that fired, and the total scan time
+        # (a streamed answer is scanned in many windows).
+        scores: dict[str, float] = {}
+        scan_ms: dict[str, float] = {}
+        for d, verdicts in (("input", in_v), ("output", out_v)):
+            for r in (r for v in verdicts for r in v.results):
+                key = f"{d}:{r.scanner}"
+                scan_ms[key] = scan_ms.get(key, 0.0) + r.ms
+                if r.fired:
+                    scores[key] = max(scores.get(key, -1.0), round(r.score, 3))
+        record: dict[str, Any] = {
+            "who": principal.name if principal else request.scope.get("state", {}).get("client_ip"),
+            "model": req.model,
+            "route": req.route.path,
+            "stream": req.stream,
+            "decision": decision,
+            "status": status,
+            "fired": sorted(set(fired)),
+            "scores": scores,
+            "scan_ms": {k: round(v, 2) for k, v in scan_ms.items()},
+            "cached": sum(1 for v in in_v if v.cached),
+            "ms": round((time.perf_counter() - started) * 1000.0, 2),
+            **extra,
+        }
+        if s.logging.log_content:
+            record["prompt"] = req.prompt
+        audit_log.info("guarded request", extra={"audit": record, "request_id": request_id.get()})

@@ -1,0 +1,130 @@
+"""Responses in the caller's dialect, and the streaming response that notices a client going away.
+
+Every answer the proxy writes itself goes through `error_response` or `make_response`; every stream through
+`stream_response`. Shared by all the request stages (gate, pipeline, pass-through, ops, admin).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Sequence
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from .dialects import OLLAMA, OPENAI, error_body
+from .scanning.engine import Verdict
+
+
+def dialect_of(path: str) -> str:
+    return OPENAI if path.startswith("/v1/") else OLLAMA
+
+
+def _raw_headers(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+
+
+def make_response(body: bytes, status: int, headers: list[tuple[str, str]], media_type: str | None = None) -> Response:
+    r = Response(body, status_code=status, media_type=media_type)
+    r.raw_headers = [h for h in r.raw_headers if h[0] in (b"content-length", b"content-type")] + [
+        h for h in _raw_headers(headers) if h[0] != b"content-type" or media_type is None
+    ]
+    return r
+
+
+def error_response(
+    dialect: str, status: int, message: str, code: str, extra: Sequence[tuple[str, str]] = ()
+) -> Response:
+    etype = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
+        status, "invalid_request_error" if status < 500 else "api_error"
+    )
+    return make_response(error_body(dialect, message, code, etype), status, list(extra), "application/json")
+
+
+def decision_header(decision: str, scanners: list[str]) -> tuple[str, str]:
+    return ("X-Guard-Decision", f"{decision}; scanners={','.join(scanners)}" if scanners else decision)
+
+
+def scan_header(*groups: tuple[str, Sequence[Verdict]]) -> tuple[str, str] | None:
+    """`X-Guard-Scanners: input:Secrets;score=1.00;ms=2.9, ...`: per scanner, the top score and total time."""
+    merged: dict[tuple[str, str], tuple[float, float]] = {}
+    for direction, verdicts in groups:
+        for r in (r for v in verdicts for r in v.results):
+            score, ms = merged.get((direction, r.scanner), (-1.0, 0.0))
+            merged[(direction, r.scanner)] = (max(score, r.score), ms + r.ms)
+    if not merged:
+        return None
+    value = ", ".join(f"{d}:{n};score={s:.2f};ms={ms:.1f}" for (d, n), (s, ms) in merged.items())
+    return ("X-Guard-Scanners", value)
+
+
+async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
+    """Run `work` unless the client goes away first; then cancel it (closing the upstream request)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        watcher.cancel()
+        raise
+    if task in done:
+        watcher.cancel()
+        return task.result()
+    task.cancel()
+    return None
+
+
+async def wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def raw_relay(resp: Any) -> Any:
+    done = False
+    try:
+        async for chunk in resp.content.iter_any():
+            yield chunk
+        done = True
+    finally:
+        # Cut short (client gone, error): close the connection so Ollama stops; else back to the pool.
+        resp.release() if done else resp.close()
+
+
+async def iter_list(items: list[bytes]) -> Any:
+    for item in items:
+        yield item
+
+
+class _DisconnectAwareStreamingResponse(StreamingResponse):
+    """Streams while watching for the client to go away, whatever ASGI spec version the server speaks.
+
+    Starlette relies on `send` raising once the client is gone (ASGI >= 2.4), but a server may drop writes to
+    a closed connection silently, and a guarded stream would then pull Ollama's whole answer for nobody.
+    Cancelling the body iterator runs its `finally`, which closes the upstream connection.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        import anyio
+
+        async with anyio.create_task_group() as tg:
+
+            async def stream() -> None:
+                await self.stream_response(send)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(stream)
+            await self.listen_for_disconnect(receive)
+            tg.cancel_scope.cancel()
+
+
+def stream_response(gen: Any, status: int, headers: list[tuple[str, str]], media_type: str | None = None) -> Response:
+    r = _DisconnectAwareStreamingResponse(gen, status_code=status, media_type=media_type)
+    r.raw_headers = [h for h in r.raw_headers if h[0] == b"content-type"] + [
+        h for h in _raw_headers(headers) if h[0] != b"content-type" or media_type is None
+    ]
+    return r

@@ -108,9 +108,13 @@ def create_app(settings: Settings, policy: Policy | None = None) -> FastAPI:
     app.add_route("/admin/cache/cleanup", admin.admin_cache_cleanup, methods=["POST"])
     app.add_route("/admin/stats", admin.admin_stats, methods=["GET"])
     app.add_route("/{rest:path}", ops.not_found, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"])
+    app.add_middleware(Gate, state=state)
     if settings.cors.allow_origins:
         from starlette.middleware.cors import CORSMiddleware
 
+        # Outermost, around the gate: a preflight (OPTIONS, no credentials by the CORS rules) is answered
+        # without an API key, and every answer to an allowed origin, the gate's 401/403/429 included,
+        # carries the CORS headers a browser needs to read it.
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors.allow_origins,
@@ -118,7 +122,6 @@ def create_app(settings: Settings, policy: Policy | None = None) -> FastAPI:
             allow_methods=settings.cors.allow_methods,
             allow_headers=settings.cors.allow_headers,
         )
-    app.add_middleware(Gate, state=state)
     return app
 
 

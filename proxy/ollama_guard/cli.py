@@ -165,30 +165,35 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ollama-guard", description="A guard proxy in front of Ollama.")
     ap.add_argument("--version", action="version", version=f"ollama-guard {__version__}")
     ap.add_argument("-c", "--config", help="YAML config file (default: $OLLAMA_GUARD_CONFIG, else built-in)")
+    # -c/--config is taken after the subcommand too (`ollama-guard serve -c FILE`), as people type it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", default=argparse.SUPPRESS, help="YAML config file")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="run the proxy")
+    s = sub.add_parser("serve", help="run the proxy", parents=[common])
     s.add_argument("--host")
     s.add_argument("--port", type=int)
     s.add_argument("--ollama-url")
     s.add_argument("--workers", type=int)
     s.set_defaults(func=cmd_serve)
 
-    s = sub.add_parser("scan", help="run the configured policy on a text and print each scanner's verdict")
+    s = sub.add_parser(
+        "scan", help="run the configured policy on a text and print each scanner's verdict", parents=[common]
+    )
     s.add_argument("text", nargs="?", help="the text (default: stdin)")
     s.add_argument("--output", action="store_true", help="scan as an answer (output scanners)")
     s.add_argument("--prompt", help="with --output: the prompt the answer replies to")
     s.set_defaults(func=cmd_scan)
 
     m = sub.add_parser("models", help="scanner models").add_subparsers(dest="models_command", required=True)
-    s = m.add_parser("pull", help="download the configured scanners' models into models_path")
+    s = m.add_parser("pull", help="download the configured scanners' models into models_path", parents=[common])
     s.add_argument("--force", action="store_true")
     s.add_argument("--scanner", action="append", help="only this scanner (repeatable)")
     s.add_argument("--onnx", action="store_true", help="also export an ONNX copy of each model")
     s.set_defaults(func=cmd_models_pull)
 
     c = sub.add_parser("config", help="configuration").add_subparsers(dest="config_command", required=True)
-    s = c.add_parser("check", help="validate the config and report each scanner's state")
+    s = c.add_parser("check", help="validate the config and report each scanner's state", parents=[common])
     s.add_argument("--no-load", action="store_true", help="validate only; do not load scanners")
     s.set_defaults(func=cmd_config_check)
 

@@ -34,6 +34,7 @@ MANAGEMENT: list[tuple[str, list[str]]] = [
 ]
 
 _DROP_AUTH = frozenset({"authorization", "x-api-key"})
+_DROP_BROWSER = frozenset({"origin", "referer"})  # see pipeline._DROP_GUARDED
 
 
 class PassThrough:
@@ -75,7 +76,7 @@ class PassThrough:
                 body = request.stream()  # model layers: streamed, never held in memory
             else:
                 body = await read_body(request, st.settings.limits.max_body_bytes, st.settings.limits.body_read_timeout)
-        drop = _DROP_AUTH if st.settings.auth.enabled else frozenset()
+        drop = _DROP_BROWSER | (_DROP_AUTH if st.settings.auth.enabled else frozenset())
         headers = forward_headers(request.headers.items(), drop)
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         resp = await st.upstream.open(request.method, path, headers, body)

@@ -125,3 +125,33 @@ def test_cors_closed_by_default_and_configurable(start_proxy):
     opened = start_proxy(**pure(cors={"allow_origins": ["https://app.example"]}))
     r = httpx.options(opened.url + "/api/chat", headers=pre)
     assert r.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def test_browsers_get_cors_headers_with_api_keys_on_and_their_origin_never_reaches_ollama(start_proxy, upstream):
+    origin = "https://app.example"
+    p = start_proxy(
+        **pure(
+            cors={"allow_origins": [origin]},
+            auth={"enabled": True, "api_keys": [{"name": "team-a", "sha256": sha(KEY)}]},
+        )
+    )
+    preflight = httpx.options(
+        p.url + "/api/chat",
+        headers={
+            "Origin": origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        },
+    )
+    assert preflight.status_code == 200  # no key needed for a preflight
+    assert preflight.headers["access-control-allow-origin"] == origin
+    refused = httpx.post(p.url + "/api/chat", json={"model": "m", "messages": []}, headers={"Origin": origin})
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == origin
+    before = len(upstream.requests)
+    ok = httpx.post(
+        p.url + "/api/chat",
+        json={"model": "m", "stream": False, "messages": [{"role": "user", "content": "hi"}]},
+        headers={"Origin": origin, "Authorization": f"Bearer {KEY}"},
+    )
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == origin
+    assert "origin" not in {k.lower() for k in upstream.requests[before]["headers"]}

@@ -130,3 +130,18 @@ def test_config_reference_is_up_to_date():
         timeout=60,
     )
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_the_config_option_is_taken_before_or_after_the_subcommand(tmp_path, capsys, order):
+    from ollama_guard.cli import main
+
+    path = tmp_path / "config.yaml"
+    path.write_text("no_such_key: 1\n")
+    args = ["-c", str(path), "config", "check", "--no-load"]
+    if order == "after":
+        args = ["config", "check", "--no-load", "-c", str(path)]
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    assert exited.value.code != 0
+    assert "no_such_key" in capsys.readouterr().err

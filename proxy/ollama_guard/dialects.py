@@ -251,22 +251,36 @@ def text_template(route: Route, obj: dict[str, Any], model: str) -> dict[str, An
 
 
 def stopped_stream_tail(
-    route: Route, template: dict[str, Any] | None, model: str, scanners: list[str], message: str | None
+    route: Route,
+    template: dict[str, Any] | None,
+    model: str,
+    scanners: list[str],
+    notice: str | None,
+    as_answer: bool = False,
+    separate: bool = True,
 ) -> list[bytes]:
-    """The well-formed end of a stream the guard stopped, in the route's framing."""
+    """The well-formed end of a stream the guard stopped, in the route's framing.
+
+    NDJSON: `notice` (if any) as a last text chunk, then the final chunk with `done_reason: "guard_blocked"`
+    and `guard: {blocked_by, decision}`. SSE: with `as_answer`, `notice` as a last text chunk and
+    `finish_reason: content_filter`; otherwise an `error` event; then `data: [DONE]`. `separate` puts the
+    notice on a line of its own, apart from the word the stream was cut at."""
     names = ",".join(scanners)
+    text = f"\n\n{notice}" if notice and separate else notice
     if route.dialect == OLLAMA:
         base = {"model": model, "created_at": now_rfc3339()}
         out = []
-        if message:
-            out.append(encode_ndjson(with_text(route, {**base, "done": False}, message)))
+        if text:
+            out.append(encode_ndjson(with_text(route, {**base, "done": False}, text)))
         final = with_text(route, {**base}, "")
-        final.update({"done": True, "done_reason": "guard_blocked", "guard": {"blocked_by": scanners}})
+        final.update(
+            {"done": True, "done_reason": "guard_blocked", "guard": {"decision": "blocked", "blocked_by": scanners}}
+        )
         out.append(encode_ndjson(final))
         return out
     base = text_template(route, template or {}, model)
-    if message:
-        text_chunk = with_text(route, base, message)
+    if as_answer and text:
+        text_chunk = with_text(route, base, text)
         end = {
             **{k: v for k, v in base.items() if k != "choices"},
             "choices": [
@@ -344,4 +358,4 @@ def blocked_message_stream(route: Route, model: str, message: str) -> list[bytes
             encode_ndjson(with_text(route, {**base, "done": False}, message)),
             encode_ndjson({**with_text(route, base, ""), "done": True, "done_reason": "guard_blocked"}),
         ]
-    return stopped_stream_tail(route, None, model, [], message)
+    return stopped_stream_tail(route, None, model, [], message, as_answer=True, separate=False)

@@ -146,7 +146,8 @@ class GuardedRoutes:
             in_verdicts = await st.engine.scan_many("input", [t.text for t in req.targets], vault=vault)
             blocked = [v for v in in_verdicts if v.blocked]
             if blocked:
-                return self._blocked(request, req, blocked, "input", started)
+                places = [(t.where, t.role) for t, v in zip(req.targets, in_verdicts, strict=True) if v.blocked]
+                return self._blocked(request, req, blocked, "input", started, places=places)
             for t, v in zip(req.targets, in_verdicts, strict=True):
                 if v.sanitized:
                     t.set(v.text)
@@ -181,12 +182,17 @@ class GuardedRoutes:
                 route,
                 lambda side: StreamGuard(engine, s, prompt=req.prompt, vault=vault, side=side),
                 req.model,
-                s.blocked_message if s.blocked_response == "message" else None,
+                # The notice ending a stopped stream: always with `blocked_response: message`; in NDJSON also by
+                # default (stream_stop_notice), for clients that show only text.
+                s.answer_blocked_message
+                if s.blocked_response == "message" or (s.stream_stop_notice and route.dialect == OLLAMA)
+                else None,
                 on_end=lambda v: self._stream_ended(request, req, v, relay, decision, fired, in_verdicts, started),
                 on_abandon=lambda: self._audit(
                     request, req, "client_closed", fired, in_verdicts, [], 499, started, stream_abandoned=True
                 ),
             )
+            relay.notice_as_answer = s.blocked_response == "message"
             return stream_response(relay.__aiter__(), resp.status, up_headers + guard_headers)
         try:
             body = await until_disconnect(request, Upstream.read(resp))
@@ -303,7 +309,11 @@ class GuardedRoutes:
         direction: str,
         started: float,
         earlier: Sequence[Verdict] = (),
+        places: Sequence[tuple[str, str]] = (),
     ) -> Response:
+        """The answer to a blocked prompt or answer. A blocked prompt names where it was blocked (the field and
+        the message's role, never its text): a chat client that resends its history must tell its user which
+        message to edit, or every later turn is refused with no hint why."""
         s = self.st.settings
         names = sorted({n for v in verdicts for n in (v.blocked_by or v.fired)})
         errored = any(v.error for v in verdicts) and not any(
@@ -325,15 +335,16 @@ class GuardedRoutes:
             started,
         )
         if s.blocked_response == "message" and req.route.kind in ("chat", "generate", "completion") and not errored:
+            text = s.blocked_message if direction == "input" else s.answer_blocked_message
             if req.stream:
                 return stream_response(
-                    iter_list(blocked_message_stream(req.route, req.model, s.blocked_message)),
+                    iter_list(blocked_message_stream(req.route, req.model, text)),
                     200,
                     headers,
                     "application/x-ndjson" if req.route.dialect == OLLAMA else "text/event-stream",
                 )
             return make_response(
-                blocked_message_response(req.route, req.model, s.blocked_message),
+                blocked_message_response(req.route, req.model, text),
                 200,
                 headers,
                 "application/json",
@@ -348,10 +359,16 @@ class GuardedRoutes:
                 headers,
             )
         what = "prompt" if direction == "input" else "answer"
+        where = ""
+        if places:
+            listed = "; ".join(
+                f"{field} (role {role})" if role not in ("user", "") else field for field, role in places
+            )
+            where = f" Blocked: {listed}. Edit or remove that text to go on."
         return error_response(
             req.route.dialect,
             403,
-            f"The {what} was blocked by the guard: {', '.join(names)}.",
+            f"The {what} was blocked by the guard: {', '.join(names)}.{where}",
             f"{'prompt' if direction == 'input' else 'output'}_blocked",
             headers,
         )

@@ -127,7 +127,7 @@ class GuardedStream:
         route: Route,
         new_guard: Callable[[bool], StreamGuard],
         model: str,
-        blocked_message: str | None,
+        notice: str | None,
         on_end: Any = None,
         on_abandon: Any = None,
     ):
@@ -135,7 +135,8 @@ class GuardedStream:
         self.route = route
         self.new_guard = new_guard  # new_guard(side) -> a fresh StreamGuard
         self.model = model
-        self.blocked_message = blocked_message
+        self.notice = notice  # the text that ends a stopped stream (None: none)
+        self.notice_as_answer = False  # SSE: the notice as the answer's end (blocked_response: message)
         self.on_end = on_end  # called once with the violation (or None) when the stream ends in full
         self.on_abandon = on_abandon  # called instead when the client leaves before the end
         self.reported = False
@@ -347,7 +348,8 @@ class GuardedStream:
                     self.last,
                     self.model,
                     self.violation.blocked_by or self.violation.fired,
-                    self.blocked_message,
+                    self.notice,
+                    as_answer=self.notice_as_answer,
                 ):
                     yield piece
             done = self.violation is None and self.broken is None

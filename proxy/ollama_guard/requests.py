@@ -30,6 +30,7 @@ class Target:
     container: Any
     key: Any
     role: str
+    where: str = ""  # its place in the body ("messages[3].content"): named when it is blocked, never its text
 
     @property
     def text(self) -> str:
@@ -173,13 +174,13 @@ class Validator:
                 # A string in Ollama's structs; anything else is refused rather than passed unread.
                 self._text(value, f"{where}.description")
                 if value:
-                    req.targets.append(Target(node, key, "tool_definition"))
+                    req.targets.append(Target(node, key, "tool_definition", f"{where}.description"))
             elif key == "enum" and value is not None:
                 _expect(isinstance(value, list), f"{where}.enum must be a list")
                 for j, option in enumerate(value):
                     if isinstance(option, str) and option:
                         self._text(option, f"{where}.enum[{j}]")
-                        req.targets.append(Target(value, j, "tool_definition"))
+                        req.targets.append(Target(value, j, "tool_definition", f"{where}.enum[{j}]"))
             elif isinstance(value, dict | list):
                 self._schema_texts(req, value, f"{where}.{key}", depth + 1)
 
@@ -201,11 +202,11 @@ class Validator:
             if native:
                 _expect(isinstance(args, dict), f"messages[{i}].tool_calls[{j}].function.arguments must be an object")
                 if args:
-                    req.targets.append(JsonTarget(fn, "arguments", "assistant"))
+                    req.targets.append(JsonTarget(fn, "arguments", "assistant", f"messages[{i}].tool_calls[{j}]"))
             else:
                 self._text(args, f"messages[{i}].tool_calls[{j}].function.arguments")
                 if args:
-                    req.targets.append(Target(fn, "arguments", "assistant"))
+                    req.targets.append(Target(fn, "arguments", "assistant", f"messages[{i}].tool_calls[{j}]"))
 
     def _thinking(self, req: GuardedRequest, i: int, m: dict[str, Any], key: str, role: str) -> None:
         """A reasoning model's thoughts in the history: the model reads them back."""
@@ -214,7 +215,7 @@ class Validator:
             return
         self._text(value, f"messages[{i}].{key}")
         if value and role in self.scan_roles:
-            req.targets.append(Target(m, key, role))
+            req.targets.append(Target(m, key, role, f"messages[{i}].{key}"))
 
     def _ollama_chat(self, req: GuardedRequest) -> None:
         self._tool_descriptions(req)
@@ -222,7 +223,7 @@ class Validator:
             if m.get("content") is not None:
                 self._text(m["content"], f"messages[{i}].content")
                 if role in self.scan_roles:
-                    req.targets.append(Target(m, "content", role))
+                    req.targets.append(Target(m, "content", role, f"messages[{i}].content"))
             elif role in self.scan_roles and not m.get("tool_calls"):
                 raise BadRequest(f"messages[{i}].content is required")
             self._thinking(req, i, m, "thinking", role)
@@ -242,7 +243,7 @@ class Validator:
                 continue
             self._text(value, key)
             if role in self.scan_roles and value:
-                req.targets.append(Target(req.body, key, role))
+                req.targets.append(Target(req.body, key, role, key))
         context = req.body.get("context")
         if context is not None:
             _expect(
@@ -268,7 +269,7 @@ class Validator:
         value = req.body.get("prompt", "")
         self._text(value, "prompt")
         if value:
-            req.targets.append(Target(req.body, "prompt", "user"))
+            req.targets.append(Target(req.body, "prompt", "user", "prompt"))
 
     # ---- OpenAI ----------------------------------------------------------------------------------------
     def _openai_choices(self, req: GuardedRequest) -> None:
@@ -295,7 +296,7 @@ class Validator:
             if isinstance(content, str):
                 self._text(content, f"messages[{i}].content")
                 if role in self.scan_roles:
-                    req.targets.append(Target(m, "content", role))
+                    req.targets.append(Target(m, "content", role, f"messages[{i}].content"))
                 continue
             _expect(isinstance(content, list), f"messages[{i}].content must be a string or a list of parts")
             for j, part in enumerate(content):
@@ -306,7 +307,7 @@ class Validator:
                 if part["type"] == "text":
                     self._text(part.get("text"), f"messages[{i}].content[{j}].text")
                     if role in self.scan_roles:
-                        req.targets.append(Target(part, "text", role))
+                        req.targets.append(Target(part, "text", role, f"messages[{i}].content[{j}]"))
                 elif part["type"] not in ("image_url", "input_image"):
                     raise BadRequest(f"messages[{i}].content[{j}].type {part['type']!r} is not supported")
 
@@ -315,7 +316,7 @@ class Validator:
         self._inputs(req, "prompt", allow_tokens=False)
         if req.body.get("suffix") is not None:
             self._text(req.body["suffix"], "suffix")
-            req.targets.append(Target(req.body, "suffix", "user"))
+            req.targets.append(Target(req.body, "suffix", "user", "suffix"))
 
     def _openai_embed(self, req: GuardedRequest) -> None:
         self._inputs(req, "input", allow_tokens=False)
@@ -325,7 +326,7 @@ class Validator:
         _expect(value is not None, f"{key} is required")
         if isinstance(value, str):
             self._text(value, key)
-            req.targets.append(Target(req.body, key, "user"))
+            req.targets.append(Target(req.body, key, "user", key))
             return
         if not isinstance(value, list):
             raise BadRequest(f"{key} must be a string or a list of strings")
@@ -337,4 +338,4 @@ class Validator:
             # Token-id inputs cannot be scanned as text: refused rather than passed unscanned.
             _expect(isinstance(item, str), f"{key}[{i}] must be a string (token arrays are not accepted)")
             self._text(item, f"{key}[{i}]")
-            req.targets.append(Target(value, i, "user"))
+            req.targets.append(Target(value, i, "user", f"{key}[{i}]"))

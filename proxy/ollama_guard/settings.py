@@ -230,7 +230,14 @@ class Settings(_Section):
     blocked_response: Literal["error", "message"] = "error"
     """`error`: an error in the caller's dialect; `message`: a normal assistant answer saying so."""
     blocked_message: str = "This request was blocked by the guard."
-    """The answer text when `blocked_response: message`."""
+    """The answer text for a blocked prompt when `blocked_response: message`."""
+    answer_blocked_message: str = "The answer was stopped by the guard."
+    """The text for an answer the guard blocked or stopped: the answer with `blocked_response: message`, and
+    the notice at the end of a stopped NDJSON stream (`stream_stop_notice`). Always on a line of its own."""
+    stream_stop_notice: bool = True
+    """End an NDJSON stream the guard stopped with `answer_blocked_message` as its last text chunk, before
+    the final chunk (`done_reason: guard_blocked`, `guard`): clients that show only text (Open WebUI's
+    native connection) then show why the answer ends. SSE streams end with an error event instead."""
     scan_system_messages: bool = True
     """Scan system (and OpenAI developer) messages and /api/generate's `system`: a caller can put anything
     there, and Open WebUI puts retrieved documents there. False trusts every caller's system prompt."""

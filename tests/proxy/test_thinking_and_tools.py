@@ -17,6 +17,9 @@ from ollama_guard.dialects import ROUTES, split_parts
 
 from .policies import AWS, BANNED_OUT, INPUT, pure
 
+# How a native stream the guard stopped ends its text (stream_stop_notice, answer_blocked_message).
+NOTICE = "\n\nThe answer was stopped by the guard."
+
 pytestmark = pytest.mark.slow
 
 ROUTES_WITH_THINKING = ["/api/chat", "/api/generate", "/v1/chat/completions"]
@@ -106,7 +109,8 @@ def test_banned_word_in_thinking_never_reaches_the_client(proxy, upstream, path,
     r = httpx.post(proxy.url + path, json=body_for(path, script, stream, chunk_chars))
     assert b"FORBIDDEN" not in r.content and b"ANSWER" not in r.content
     got = received(path, r.content, stream)
-    assert got["content"] == ""  # the answer after the stopped thinking never went out either
+    # The answer after the stopped thinking never went out either; a native stream ends with the notice.
+    assert got["content"] == (NOTICE if stream and path.startswith("/api/") else "")
     assert_stopped(r, path, stream)
 
 
@@ -141,7 +145,7 @@ def test_banned_word_in_tool_arguments_never_reaches_the_client(proxy, path, str
     assert got["tools"] == []
     assert_stopped(r, path, stream)
     if stream:  # the answer before the call had passed: it went out, then the stream stopped
-        assert got["content"] == "Looking it up."
+        assert got["content"] == "Looking it up." + (NOTICE if path.startswith("/api/") else "")
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])

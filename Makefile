@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 PIN    := -c constraints.txt
 
-.PHONY: serve test e2e install-proxy install-all tools bench lint clean
+.PHONY: serve test e2e install-proxy install-all tools system bench lint clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -26,13 +26,22 @@ install-all: $(VENV)/.all
 serve: install-proxy
 	$(VENV)/bin/ollama-guard serve $(ARGS)
 
-## Install everything (Python packages, helm binaries) and run the whole test suite.
-test: install-all tools
+## Install everything (Debian services when root, Python packages, helm binaries) and run the whole test suite.
+test: install-all tools system
 	PATH="$(CURDIR)/.tools/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
 
 ## The cluster tests, against the cluster KUBECONFIG names (each skips with its reason where it cannot run).
 e2e: install-all tools
 	PATH="$(CURDIR)/.tools/bin:$$PATH" $(PY) -m pytest e2e -m cluster $(PYTEST_ARGS)
+
+## The services the tests start themselves: redis-server, prometheus (promtool), wrk. Installed with apt-get
+## when run as root and one is missing; otherwise the tests that need them skip (and fail in CI).
+system:
+	@if command -v redis-server >/dev/null && command -v promtool >/dev/null && command -v wrk >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    redis-server prometheus wrk >/dev/null; \
+	else echo "make test: redis-server, prometheus and wrk are missing; as root: apt-get install redis-server prometheus wrk" >&2; fi
 
 tools: install-all
 	$(PY) scripts/fetch_tools.py

@@ -7,8 +7,8 @@
 `GuardedRoutes.guarded(route)` is the error boundary: every exception a stage raises becomes the dialect's
 answer there, and only there (BadRequest -> 4xx, UpstreamError -> 502/504, GuardUnavailable -> 503, a client
 gone mid-body -> 499, anything unexpected -> 503 with its traceback logged), with one metrics label (the
-gate's) and one audit record per request: written by `_audit` where the outcome is known, by the boundary when
-a stage raised, and when a stream ends (whole, stopped, broken or abandoned).
+gate's) and one audit record per request: each stage leaves its record (`_audit`), and the record is written
+once, in the boundary's `finally`, or when a stream ends (whole, stopped, broken or abandoned).
 """
 
 from __future__ import annotations
@@ -92,6 +92,7 @@ class GuardedRoutes:
     # -- guarded routes --
     def guarded(self, route: Route) -> Callable[[Request], Awaitable[Response]]:
         async def handler(request: Request) -> Response:
+            state = request.scope.setdefault("state", {})
             try:
                 return await self._guarded(request, route)
             except BadRequest as exc:
@@ -125,6 +126,11 @@ class GuardedRoutes:
                     "guard_error",
                     [decision_header("error", [])],
                 )
+            finally:
+                # The one audit point: the record the stages left, written once, whatever happened. A stream
+                # that went out writes its own when it ends (whole, stopped, broken or abandoned).
+                if not state.get("audit_deferred"):
+                    self._write_audit(request)
 
         return handler
 
@@ -174,7 +180,8 @@ class GuardedRoutes:
         )
         if req.stream and resp.status == 200 and resp.headers.get("Content-Encoding") is None:
             up_headers = response_headers(resp.headers)
-            if not out_on:
+            if not out_on:  # no output scanner: the stream is relayed as it comes (nothing to scan)
+                self._audit(request, req, decision, fired, in_verdicts, [], resp.status, started, output_guard=False)
                 return stream_response(raw_relay(resp), resp.status, up_headers + guard_headers)
             engine = st.engine
             relay: GuardedStream = GuardedStream(
@@ -188,11 +195,10 @@ class GuardedRoutes:
                 if s.blocked_response == "message" or (s.stream_stop_notice and route.dialect == OLLAMA)
                 else None,
                 on_end=lambda v: self._stream_ended(request, req, v, relay, decision, fired, in_verdicts, started),
-                on_abandon=lambda: self._audit(
-                    request, req, "client_closed", fired, in_verdicts, [], 499, started, stream_abandoned=True
-                ),
+                on_abandon=lambda: self._stream_abandoned(request, req, fired, in_verdicts, started),
             )
             relay.notice_as_answer = s.blocked_response == "message"
+            request.scope["state"]["audit_deferred"] = True  # written when the stream ends
             return stream_response(relay.__aiter__(), resp.status, up_headers + guard_headers)
         try:
             body = await until_disconnect(request, Upstream.read(resp))
@@ -391,6 +397,7 @@ class GuardedRoutes:
             for n in names:
                 self.st.metrics.streams_stopped.labels(req.route.dialect, n).inc()
             self._audit(request, req, "blocked", names, in_verdicts, [out], 200, started, stream_stopped=True)
+            self._write_audit(request)
             return
         if relay.sanitized:
             decision = "sanitized"
@@ -405,6 +412,20 @@ class GuardedRoutes:
             started,
             scanned_chars=relay.scanned_chars,
         )
+        self._write_audit(request)
+
+    def _stream_abandoned(
+        self, request: Request, req: GuardedRequest, fired: list[str], in_verdicts: list[Verdict], started: float
+    ) -> None:
+        """The client left mid-stream (Open WebUI's Stop button): recorded all the same."""
+        self._audit(request, req, "client_closed", fired, in_verdicts, [], 499, started, stream_abandoned=True)
+        self._write_audit(request)
+
+    def _write_audit(self, request: Request) -> None:
+        """Write the request's audit record, once: the last one a stage left (`_audit`)."""
+        record = request.scope.get("state", {}).pop("audit_record", None)
+        if record is not None:
+            audit_log.info("guarded request", extra={"audit": record, "request_id": request_id.get()})
 
     def _audit_failure(self, request: Request, status: int, decision: str, **extra: Any) -> None:
         """The audit record of a guarded request that ended in an exception (a 4xx before or after parsing,
@@ -424,7 +445,7 @@ class GuardedRoutes:
             "status": status,
             **extra,
         }
-        audit_log.info("guarded request", extra={"audit": record, "request_id": request_id.get()})
+        request.scope.setdefault("state", {})["audit_record"] = record
 
     def _audit(
         self,
@@ -468,4 +489,6 @@ class GuardedRoutes:
         }
         if s.logging.log_content:
             record["prompt"] = req.prompt
-        audit_log.info("guarded request", extra={"audit": record, "request_id": request_id.get()})
+        # Kept, not written: `_write_audit` writes the request's one record (the boundary's `finally`, or the
+        # stream's end); a later stage's record replaces an earlier one.
+        request.scope.setdefault("state", {})["audit_record"] = record

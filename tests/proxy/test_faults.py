@@ -259,3 +259,19 @@ def _answers(url: str) -> bool:
         return httpx.get(url, timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@pytest.mark.parametrize(("path", "stream"), CASES, ids=[f"{p}-{'stream' if s else 'whole'}" for p, s in CASES])
+def test_ollama_refusing_connections_is_a_502_with_one_audit_record(start_proxy, audit: Records, path, stream) -> None:
+    from .conftest import free_port
+
+    p = start_proxy(**pure(ollama_url=f"http://127.0.0.1:{free_port()}"))  # nothing listens there
+    r = httpx.post(p.url + path, json=ROUTES[path]("REPLY: hi", stream), timeout=30)
+    assert r.status_code == 502
+    body = r.json()
+    assert "cannot reach Ollama" in error_message(path, body)
+    if path.startswith("/v1/"):
+        assert body["error"]["code"] == "upstream_connect"
+    records = wait_for(lambda: [a for a in audit.audit if a.get("route") == path], 5, "an audit record")
+    assert len(records) == 1 and records[0]["status"] == 502
+    assert httpx.get(p.url + "/health").status_code == 200  # the proxy keeps serving

@@ -56,7 +56,11 @@ class Verdict:
         return [r.scanner for r in self.results if r.fired]
 
     def to_cache(self) -> bytes:
-        return orjson.dumps(
+        """The verdict as a cache value (compact JSON, ~100-200 bytes).
+
+        Copied into a right-sized bytes object: the one orjson returns keeps its 4 KiB write buffer
+        allocated (measured: 4,089 bytes per ~135-byte value), which made a cached verdict cost ~4.4 kB."""
+        encoded = orjson.dumps(
             {
                 "b": self.blocked,
                 "s": self.sanitized,
@@ -64,6 +68,7 @@ class Verdict:
                 "r": [[r.scanner, r.valid, r.score, r.action] for r in self.results],
             }
         )
+        return bytes(memoryview(encoded))
 
     @classmethod
     def from_cache(cls, raw: bytes, original: str) -> Verdict:

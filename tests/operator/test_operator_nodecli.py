@@ -68,3 +68,23 @@ async def test_register_creates_then_updates_list_and_remove(kmock: ApiServer, c
 def test_address_must_be_host_and_port() -> None:
     with pytest.raises(SystemExit):
         nodecli.build_parser().parse_args(["register", "--guardproxy", "g", "--address", "nohost"])
+
+
+async def test_the_documented_namespace_option_after_the_subcommand_works(kmock: ApiServer) -> None:
+    """docs/OPERATOR.md writes `ollama-guard node register ... --namespace ai`: taken where it is typed."""
+    declare(kmock)
+    argv = [
+        "register",
+        "--guardproxy",
+        "guard",
+        "--address",
+        "192.168.1.20:8080",
+        "--name",
+        "mini-1",
+        "--namespace",
+        "ai",
+    ]
+    assert await asyncio.to_thread(nodecli.main, argv, api_for(kmock)) == 0
+    assert node(kmock, "mini-1") is not None
+    assert await asyncio.to_thread(nodecli.main, ["remove", "mini-1", "--namespace", "ai"], api_for(kmock)) == 0
+    assert node(kmock, "mini-1") is None

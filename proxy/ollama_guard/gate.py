@@ -14,7 +14,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .dialects import ROUTES
-from .logs import audit_log, request_id
+from .logs import audit_log, request_id, short_audit_record
 from .passthrough import MANAGEMENT, PASSTHROUGH
 from .responses import dialect_of, error_response
 from .security import Authenticator, ClientIP, IPFilter, Principal
@@ -98,12 +98,7 @@ class Gate:
                 outcome["decision"] = decision
                 if path in ROUTES and st.settings.logging.audit:
                     # Refused at the gate (401, 403, 429): where abuse shows, so recorded like any outcome.
-                    record = {
-                        "who": scope.get("state", {}).get("client_ip"),
-                        "route": path,
-                        "decision": decision,
-                        "status": response.status_code,
-                    }
+                    record = short_audit_record(scope, path, decision, response.status_code)
                     audit_log.info("guarded request", extra={"audit": record, "request_id": rid})
                 await response(scope, receive, _with_decision(send_wrapped, decision))
             else:

@@ -10,6 +10,7 @@ import contextvars
 import logging
 import sys
 import time
+from collections.abc import MutableMapping
 from typing import Any
 
 import orjson
@@ -76,3 +77,14 @@ def quiet_llm_guard() -> None:
 
 
 audit_log = logging.getLogger("ollama_guard.audit")
+
+
+def short_audit_record(
+    scope: MutableMapping[str, Any], route: str, decision: str, status: int, **extra: Any
+) -> dict[str, Any]:
+    """The audit record of a guarded request that ended before its body was read as a request (refused at
+    the gate, malformed, a client gone): who, route, decision, status. Never any text of the request."""
+    state = scope.get("state", {})
+    principal = state.get("principal")
+    who = principal.name if principal else state.get("client_ip")
+    return {"who": who, "route": route, "decision": decision, "status": status, **extra}

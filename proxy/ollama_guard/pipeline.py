@@ -35,7 +35,7 @@ from .dialects import (
     with_text,
     with_tool_call_texts,
 )
-from .logs import audit_log, request_id
+from .logs import audit_log, request_id, short_audit_record
 from .relay import GuardedStream
 from .requests import GuardedRequest
 from .responses import (
@@ -435,17 +435,9 @@ class GuardedRoutes:
             req, started = guarded
             self._audit(request, req, decision, [], [], [], status, started, **extra)
             return
-        if not self.st.settings.logging.audit:
-            return
-        principal = request.scope.get("state", {}).get("principal")
-        record = {
-            "who": principal.name if principal else request.scope.get("state", {}).get("client_ip"),
-            "route": request.url.path,
-            "decision": decision,
-            "status": status,
-            **extra,
-        }
-        request.scope.setdefault("state", {})["audit_record"] = record
+        if self.st.settings.logging.audit:
+            record = short_audit_record(request.scope, request.url.path, decision, status, **extra)
+            request.scope.setdefault("state", {})["audit_record"] = record
 
     def _audit(
         self,

@@ -50,7 +50,8 @@ INPUT_TYPES: dict[str, ScannerType] = {
     "BanTopics": ScannerType(f"{_IN}.ban_topics", "BanTopics", _model(f"{_IN}.ban_topics", "MODEL_DEBERTA_BASE_V2")),
     "Code": ScannerType(f"{_IN}.code", "Code", _model(f"{_IN}.code")),
     "Gibberish": ScannerType(f"{_IN}.gibberish", "Gibberish", _model(f"{_IN}.gibberish")),
-    "InvisibleText": ScannerType(f"{_IN}.invisible_text", "InvisibleText", stream="pattern", overlap=1),
+    # Our own: llm-guard's refuses every Cf/Co/Cn character, emoji joiners and Persian/Hindi ZWNJ included.
+    "InvisibleText": ScannerType("ollama_guard.scanning.invisible", "InvisibleText", stream="pattern", overlap=8),
     "Language": ScannerType(f"{_IN}.language", "Language", _model(f"{_IN}.language")),
     "PromptInjection": ScannerType(
         f"{_IN}.prompt_injection", "PromptInjection", _model(f"{_IN}.prompt_injection", "V2_MODEL")

@@ -102,6 +102,9 @@ class RedisCache:
             n += 1
         return n
 
+    async def ping(self) -> None:
+        await self.client.ping()
+
     async def close(self) -> None:
         await self.client.aclose()
 

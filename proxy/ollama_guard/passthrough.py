@@ -13,7 +13,7 @@ from .dialects import OLLAMA, BadRequest
 from .pipeline import read_body
 from .responses import dialect_of, error_response, raw_relay, stream_response
 from .state import ProxyState
-from .upstream import UpstreamError, forward_headers, response_headers
+from .upstream import BROWSER_ONLY, UpstreamError, forward_headers, response_headers
 
 PASSTHROUGH: list[tuple[str, list[str]]] = [
     ("/", ["GET", "HEAD"]),
@@ -34,7 +34,6 @@ MANAGEMENT: list[tuple[str, list[str]]] = [
 ]
 
 _DROP_AUTH = frozenset({"authorization", "x-api-key"})
-_DROP_BROWSER = frozenset({"origin", "referer"})  # see pipeline._DROP_GUARDED
 
 
 class PassThrough:
@@ -76,7 +75,7 @@ class PassThrough:
                 body = request.stream()  # model layers: streamed, never held in memory
             else:
                 body = await read_body(request, st.settings.limits.max_body_bytes, st.settings.limits.body_read_timeout)
-        drop = _DROP_BROWSER | (_DROP_AUTH if st.settings.auth.enabled else frozenset())
+        drop = BROWSER_ONLY | (_DROP_AUTH if st.settings.auth.enabled else frozenset())
         headers = forward_headers(request.headers.items(), drop)
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         resp = await st.upstream.open(request.method, path, headers, body)

@@ -52,14 +52,12 @@ from .scanning.engine import GuardUnavailable, Verdict
 from .scanning.registry import new_vault
 from .scanning.stream import StreamGuard, side_scanners
 from .state import ProxyState
-from .upstream import Upstream, UpstreamError, forward_headers, response_headers
+from .upstream import BROWSER_ONLY, Upstream, UpstreamError, forward_headers, response_headers
 
 log = logging.getLogger("ollama_guard.app")
 
 # Guarded routes ask Ollama for an uncompressed body (we parse it); these headers are ours, not Ollama's.
-# `Origin` (and `Referer`) too: the proxy has done the CORS check, and Ollama refuses any origin missing from
-# its own OLLAMA_ORIGINS with a 403, so a browser's origin would make it refuse what the guard allowed.
-_DROP_GUARDED = frozenset({"accept-encoding", "authorization", "x-api-key", "cookie", "origin", "referer"})
+_DROP_GUARDED = frozenset({"accept-encoding", "authorization", "x-api-key", "cookie"}) | BROWSER_ONLY
 
 
 async def read_body(request: Request, limit: int, timeout: float) -> bytes:

@@ -65,9 +65,8 @@ class RedisBacked:
         """Whether Redis answers a PING now (and the state knows it); False without a Redis client."""
         if self.redis is None:
             return False
-        client = getattr(self.redis, "client", self.redis)  # the cache wraps its client, the limiter does not
         try:
-            await client.ping()
+            await self.redis.ping()
         except Exception as exc:  # noqa: BLE001 - any failure means not reachable
             self.state.failed(exc)
             return False

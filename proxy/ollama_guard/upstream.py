@@ -32,6 +32,12 @@ HOP_BY_HOP = frozenset(
 )
 
 
+# Headers a browser sends that are not Ollama's business: the proxy has done the CORS check, and Ollama refuses
+# any `Origin` missing from its own OLLAMA_ORIGINS with a 403, so passed on they would make it refuse what the
+# guard allowed.
+BROWSER_ONLY = frozenset({"origin", "referer"})
+
+
 class UpstreamError(Exception):
     def __init__(self, status: int, kind: str, message: str):
         super().__init__(message)

@@ -137,12 +137,12 @@ class GuardedRoutes:
         assert st.engine is not None and st.validator is not None and st.upstream is not None
         raw = await read_body(request, s.limits.max_body_bytes, s.limits.body_read_timeout)
         req = st.validator.parse(raw, route)
-        request.scope.setdefault("state", {})["guarded"] = (req, time.perf_counter())
+        started = time.perf_counter()
+        request.scope.setdefault("state", {})["guarded"] = (req, started)
         assert st.policy is not None
         if st.policy.missing_required():
             # Fail closed before anything is forwarded: a required guard is not there.
             raise GuardUnavailable(", ".join(x.name for x in st.policy.missing_required()))
-        started = time.perf_counter()
         vault = new_vault() if st.policy.needs_vault() else None
         in_verdicts: list[Verdict] = []
         decision, fired = "allowed", []
@@ -165,7 +165,7 @@ class GuardedRoutes:
         up_started = time.perf_counter()
         resp = await until_disconnect(request, st.upstream.open("POST", path, headers, raw))
         if resp is None:
-            return Response(status_code=499)
+            return self._client_gone(request, req, fired, in_verdicts, started)
         st.metrics.upstream_seconds.labels(route.path).observe(time.perf_counter() - up_started)
         guard_headers = [decision_header(decision, sorted(set(fired)))]
         sh = scan_header(("input", in_verdicts))
@@ -203,7 +203,7 @@ class GuardedRoutes:
         finally:
             resp.release()
         if body is None:
-            return Response(status_code=499)
+            return self._client_gone(request, req, fired, in_verdicts, started)
         up_headers = response_headers(resp.headers)
         if resp.headers.get("Content-Encoding"):
             raise UpstreamError(502, "protocol", "Ollama sent a compressed body to a guarded route")
@@ -411,6 +411,13 @@ class GuardedRoutes:
             scanned_chars=relay.scanned_chars,
         )
         self._write_audit(request)
+
+    def _client_gone(
+        self, request: Request, req: GuardedRequest, fired: list[str], in_verdicts: list[Verdict], started: float
+    ) -> Response:
+        """The client left while Ollama was still answering: nobody to answer; recorded as 499."""
+        self._audit(request, req, "client_closed", fired, in_verdicts, [], 499, started)
+        return Response(status_code=499)
 
     def _stream_abandoned(
         self, request: Request, req: GuardedRequest, fired: list[str], in_verdicts: list[Verdict], started: float

@@ -275,3 +275,10 @@ def test_ollama_refusing_connections_is_a_502_with_one_audit_record(start_proxy,
     records = wait_for(lambda: [a for a in audit.audit if a.get("route") == path], 5, "an audit record")
     assert len(records) == 1 and records[0]["status"] == 502
     assert httpx.get(p.url + "/health").status_code == 200  # the proxy keeps serving
+
+
+def test_a_client_that_gives_up_waiting_for_ollama_is_audited_as_499(proxy, audit: Records) -> None:
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(proxy.url + "/api/chat", json=ROUTES["/api/chat"]("FAULT:no-answer", False), timeout=0.3)
+    record = wait_for(lambda: [a for a in audit.audit if a.get("status") == 499], 10, "a 499 record")
+    assert record[0]["decision"] == "client_closed" and record[0]["route"] == "/api/chat"

@@ -4,7 +4,7 @@ Every write of a child is a server-side apply under one field manager, creation 
 removes a field that an earlier apply set and the desired manifest no longer has (a Redis URL once Redis is
 off, an API-key volume once auth is off). A field set by a POST or merge patch belongs to an `Update` entry
 of the same manager name, which an apply never prunes (shared/k8s-real/03a): children an older operator
-created that way have that entry dropped once, before their next apply (`adopt_fields`).
+created that way have that entry folded into our Apply entry once, before their next apply (`adopt_fields`).
 
 Each applied object carries a hash of its desired manifest. An object is re-applied when that hash differs
 (the GuardProxy changed) or when the live object no longer says what we set (`drifted`: someone edited a
@@ -193,12 +193,15 @@ def drifted(desired: dict[str, Any], live: dict[str, Any]) -> str | None:
     return _diff(want, live, "", ())
 
 
-def update_entries(live: dict[str, Any]) -> list[int]:
-    """Indexes of `live`'s managedFields entries that our manager wrote by POST/PATCH (operation Update)."""
+def our_entries(live: dict[str, Any], operation: str) -> list[int]:
+    """Indexes of `live`'s managedFields entries of our manager with this operation: "Update" (written by
+    POST/PATCH) or "Apply" (server-side apply); status-subresource entries left out."""
     return [
         i
         for i, entry in enumerate((live.get("metadata") or {}).get("managedFields") or [])
-        if entry.get("manager") == FIELD_MANAGER and entry.get("operation") == "Update" and not entry.get("subresource")
+        if entry.get("manager") == FIELD_MANAGER
+        and entry.get("operation") == operation
+        and not entry.get("subresource")
     ]
 
 
@@ -217,14 +220,11 @@ async def adopt_fields(kube: Kube, live: dict[str, Any]) -> None:
 
     A write that sets managedFields is taken as given by the API server (Kubernetes docs, Server-Side
     Apply, "Clearing managedFields")."""
-    entries = list((live.get("metadata") or {}).get("managedFields") or [])
-    ours = set(update_entries(live)) | {
-        i
-        for i, e in enumerate(entries)
-        if e.get("manager") == FIELD_MANAGER and e.get("operation") == "Apply" and not e.get("subresource")
-    }
-    if not ours - {i for i, e in enumerate(entries) if e.get("operation") == "Apply"}:
+    updates = our_entries(live, "Update")
+    if not updates:
         return
+    entries = list(live["metadata"]["managedFields"])
+    ours = set(updates) | set(our_entries(live, "Apply"))
     fields: dict[str, Any] = {}
     for i in sorted(ours):
         fields = _union(fields, entries[i].get("fieldsV1") or {})
@@ -274,7 +274,7 @@ async def apply_kind(
             out.created.append(f"{kind}/{name}")
         elif (current["metadata"].get("annotations") or {}).get(ANN_CREATE_ONLY) == "true":
             out.live[key] = current
-        elif update_entries(current):
+        elif our_entries(current, "Update"):
             await adopt_fields(kube, current)
             out.live[key] = await kube.apply(stamped(obj))
             out.updated.append(f"{kind}/{name}")

@@ -131,8 +131,8 @@ def _free_port() -> int:
 @contextlib.asynccontextmanager
 async def operator_process(
     kmock: ApiServer, tmp_path: pathlib.Path, *args: str, token: str = TOKEN, **env: str
-) -> AsyncIterator[str]:
-    """`python -m ollama_guard_operator ARGS` with a token kubeconfig; yields its /healthz URL."""
+) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+    """`python -m ollama_guard_operator ARGS` with a token kubeconfig; yields its /healthz URL and process."""
     port = _free_port()
     healthz = f"http://127.0.0.1:{port}/healthz"
     environ = {
@@ -154,9 +154,11 @@ async def operator_process(
         stderr=asyncio.subprocess.DEVNULL,
     )
     try:
-        yield healthz
+        yield healthz, proc
     finally:
-        proc.terminate()
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
         try:
             await asyncio.wait_for(proc.wait(), 20)
         except TimeoutError:
@@ -207,7 +209,7 @@ async def test_the_operator_process_acts_standalone_and_with_peering(
         )
     kmock.tokens = {TOKEN: USER, ADMIN_TOKEN: "kubernetes-admin"}
     await create(kmock, GP, "guard", SPEC)
-    async with operator_process(kmock, tmp_path, *args, **env):
+    async with operator_process(kmock, tmp_path, *args, **env) as (_, _proc):
         await eventually(
             lambda: children(kmock)["deployments"] == {"guard-cpu"}, "the process reconciles", PROCESS_DEADLINE
         )
@@ -219,7 +221,7 @@ async def test_healthz_fails_while_the_api_server_refuses_the_operator(
 ) -> None:
     declare(kmock)
     kmock.tokens = {TOKEN: USER, ADMIN_TOKEN: "kubernetes-admin"}
-    async with operator_process(kmock, tmp_path, "--standalone") as healthz:
+    async with operator_process(kmock, tmp_path, "--standalone") as (healthz, proc):
         await eventually_async(lambda: _healthz(healthz), "healthz answers", PROCESS_DEADLINE)
         assert await _healthz(healthz) == 200
         kmock.tokens = {
@@ -228,6 +230,11 @@ async def test_healthz_fails_while_the_api_server_refuses_the_operator(
         }  # our token is no longer accepted: every call is 401
 
         async def failing() -> bool:
+            # Either answer restarts the pod: /healthz failing, or the process ending (kopf exits once a
+            # re-login is refused too; which comes first depends on timing, and the kubelet's probe then
+            # finds the port closed). What must not happen is a live process still answering 200.
+            if proc.returncode is not None:
+                return proc.returncode != 0
             return await _healthz(healthz) not in (200, None)
 
         # kopf caches probe results for 10 s: the deadline covers that.

@@ -125,3 +125,37 @@ def test_keyword_prefixed_long_token_is_caught_across_chunks():
             assert all("api_key = AB12" not in h for h in history)
     finally:
         eng.close()
+
+
+@pytest.fixture(scope="module")
+def default_engine():
+    """The default policy without model weights: Secrets is the one output pattern scanner."""
+    settings = load_settings(overrides={"models_path": "/nonexistent-models"}, environ={})
+    eng = ScanEngine(build_policy(settings), settings)
+    assert [s.name for s in eng.policy.active("output")] == ["Secrets"]
+    yield eng
+    eng.close()
+
+
+def test_the_first_word_is_released_as_soon_as_it_ends_under_the_default_policy(default_engine):
+    # Secrets redacts values, never their keyword: only the running word is held back, so text is visible
+    # from the first word on (at ~30 tokens/s, 80 held characters were ~0.65 s before anything showed).
+    guard = StreamGuard(default_engine, default_engine.settings)
+    assert guard.hold == 0 and guard.overlap == default_engine.settings.stream.default_overlap
+    assert run(guard.feed("Sure")).release_to == 0
+    step = run(guard.feed(", here"))
+    assert guard.text[: step.release_to] == "Sure, "
+
+
+@pytest.mark.parametrize("size", [1, 3, 7])
+def test_a_value_whose_keyword_was_already_released_is_still_redacted(default_engine, size):
+    # detect-secrets' AWS rule needs "aws", a keyword and the quoted 40-character value within 20 characters
+    # of each other; it reports the value. The context went out first and is scanned with the value all the same.
+    value = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYZXAMPLEKEY"
+    text = 'Use this line in your config file:\naws_secret_access_key = "' + value + '"\nThen restart. ' * 4
+    guard = StreamGuard(default_engine, default_engine.settings)
+    history, step = run(feed_all(guard, text, size))
+    assert step.violation is None
+    assert any("aws_secret_access_key" in h and "******" not in h for h in history), "context out before value"
+    assert all(value[:6] not in h for h in history)
+    assert 'aws_secret_access_key = "******"' in history[-1] and history[-1].endswith("Then restart. ")

@@ -104,6 +104,12 @@ class GuardScanner:
             return max(len(s) for s in subs) + 1
         return default
 
+    def hold(self, default: int) -> int:
+        """Characters before the running word held back from release (<= overlap, which is scanned)."""
+        if self.cfg.stream_overlap or self.stype.hold is None:
+            return self.overlap(default)
+        return self.stype.hold
+
     def call(self, text: str, prompt: str, vault: Any = None) -> tuple[str, bool, float]:
         inst = self.instance
         if self.stype.vault:

@@ -29,6 +29,10 @@ class ScannerType:
     default_model: tuple[str, str] | None = None
     stream: str = "sentence"  # default way to see a streamed answer
     overlap: int | None = None  # pattern scanners: longest match they can make, when known
+    # Pattern scanners whose every rewrite and block falls on the word a match ends with (Secrets redacts the
+    # value, never its keyword): characters before the running word that must be held back, not only scanned.
+    # None: the whole overlap is held.
+    hold: int | None = None
     prompt_dependent: bool = False  # output scanners whose verdict depends on the prompt too
     vault: bool = False  # needs the per-request Anonymize vault
     # Output scanners that judge the answer as an answer (its form, or how it relates to the prompt): they
@@ -58,7 +62,7 @@ INPUT_TYPES: dict[str, ScannerType] = {
     ),
     "Regex": ScannerType(f"{_IN}.regex", "Regex", stream="pattern"),
     # Our subclass: llm-guard's own redaction leaves secrets behind when a text holds several.
-    "Secrets": ScannerType("ollama_guard.scanning.secrets", "Secrets", stream="pattern"),
+    "Secrets": ScannerType("ollama_guard.scanning.secrets", "Secrets", stream="pattern", hold=0),
     "Sentiment": ScannerType(f"{_IN}.sentiment", "Sentiment", stream="final"),
     "TokenLimit": ScannerType(f"{_IN}.token_limit", "TokenLimit", stream="final"),
     "Toxicity": ScannerType(f"{_IN}.toxicity", "Toxicity", _model(f"{_IN}.toxicity")),

@@ -6,9 +6,13 @@ every chunk, as most proxies do, is quadratic).
 
 Each scanner sees the stream in one of four modes:
 - ``pattern`` (Secrets, BanSubstrings, Regex, InvisibleText ...): runs on each new stretch of at least
-  ``stream.pattern_step`` characters together with the previous ``overlap`` characters, and the last
-  ``overlap`` characters are held back. A match of at most ``overlap`` characters is therefore always seen
-  whole before any of it is released, however the chunks split it.
+  ``stream.pattern_step`` characters together with the word still running and the ``overlap`` characters
+  before it, so a match whose part before its last word is at most ``overlap`` characters is always seen
+  whole, however the chunks split it. Of those, the running word and the last ``hold`` characters before it
+  are held back. ``hold`` is ``overlap`` for every scanner but those that only ever rewrite or block on a
+  match's last word (Secrets redacts a value, not its keyword): their keyword context may already be out when
+  the value arrives; it is scanned with the value all the same. A rewrite that would change released text
+  stops the stream instead.
 - ``sentence`` (model scanners): runs on each run of newly completed sentences, with up to
   ``stream.sentence_context_chars`` characters of the text before as context; text is released once its
   sentence has passed. A stretch with no sentence end is cut at a space after 1024 characters.
@@ -30,9 +34,8 @@ from .engine import ScanEngine, ScanResult, Verdict
 from .policy import GuardScanner
 
 _SENTENCE_END = re.compile(r"[.!?。！？][\"')\]]*\s|\n")
+_SPACE = re.compile(r"\s")
 MAX_SENTENCE_WINDOW = 1024
-# The first pattern scan runs once overlap + FIRST_STEP characters arrived, so the first text goes out early.
-FIRST_STEP = 16
 # A run of non-space characters longer than this is treated as text, not as one token, for hold-back.
 MAX_WORD = 4096
 
@@ -59,6 +62,7 @@ class StreamGuard:
         self.final = [s for s in active if s.stream_mode in ("final", "buffer")]
         self.buffered = any(s.stream_mode == "buffer" for s in active)
         self.overlap = max((s.overlap(settings.stream.default_overlap) for s in self.pattern), default=0)
+        self.hold = max((s.hold(settings.stream.default_overlap) for s in self.pattern), default=0)
         self.step = settings.stream.pattern_step
         self.context = settings.stream.sentence_context_chars
         self.text = ""
@@ -89,7 +93,7 @@ class StreamGuard:
             return self.released
         limit = len(self.text)
         if self.pattern:
-            limit = min(limit, self._pattern_hold_start())
+            limit = min(limit, self._running_word_start() - self.hold)
         if self.sentence:
             limit = min(limit, self.s_scanned)
         return max(self.released, limit)
@@ -104,12 +108,13 @@ class StreamGuard:
         if self.buffered:
             return Step(self.released)
         violation = None
-        # The first pattern scan waits until it can release something (overlap + step characters):
-        # scanning earlier would only delay the first chunk with scans that release nothing.
+        # The first pattern scan runs as soon as it can release something: a word ended after the first
+        # `hold` characters. Scanning earlier would release nothing; waiting for a whole step delays the first
+        # visible text (at ~30 tokens/s a 32-character step is ~0.25 s).
         new_chars = len(self.text) - self.p_scanned
         if self.pattern and (
             (self.p_scanned and new_chars >= self.step)
-            or (not self.p_scanned and len(self.text) >= self.overlap + FIRST_STEP)
+            or (not self.p_scanned and len(self.text) > self.hold and _SPACE.search(self.text, self.hold))
         ):
             violation = await self._scan_pattern()
         if violation is None and self.sentence:
@@ -146,10 +151,10 @@ class StreamGuard:
         self.released = len(self.text)
         return Step(self.released)
 
-    def _pattern_hold_start(self) -> int:
-        """Where held-back text starts: `overlap` characters before the word still running at the scanned end
-        (or before the end itself). A match is seen whole if what precedes its last word, separators
-        included, is at most `overlap` characters: a token-shaped secret however long, with its keyword."""
+    def _running_word_start(self) -> int:
+        """Where the word still running at the scanned end starts (the scanned end itself after a space). A
+        match is seen whole if what precedes its last word, separators included, is at most `overlap`
+        characters: a token-shaped secret however long, with its keyword."""
         end = self.p_scanned
         start = end
         if end and not self.text[end - 1].isspace():
@@ -159,10 +164,10 @@ class StreamGuard:
                 i -= 1
             if i > floor or floor == 0:
                 start = i
-        return max(0, start - self.overlap)
+        return start
 
     async def _scan_pattern(self) -> Verdict | None:
-        start = max(self.released, self._pattern_hold_start())
+        start = max(0, self._running_word_start() - self.overlap)
         end = len(self.text)
         verdict = await self._scan(self.pattern, start, end)
         self.p_scanned = len(self.text)
@@ -195,8 +200,9 @@ class StreamGuard:
         if verdict.blocked:
             return verdict
         if verdict.sanitized:
-            if not sanitize_ok or start < self.released:
-                verdict.blocked = True
+            window = self.text[start:end]
+            if not sanitize_ok or start + _common_prefix(window, verdict.text) < self.released:
+                verdict.blocked = True  # released text cannot be unsent: stop rather than let it stand
                 return verdict
             self._replace(start, end, verdict.text)
         return None
@@ -212,6 +218,21 @@ class StreamGuard:
             self.s_scanned += delta
         elif self.s_scanned > start:
             self.s_scanned = start + len(new)
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """Length of the longest common prefix of two strings."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def side_scanners(engine: ScanEngine) -> list[GuardScanner]:

@@ -159,3 +159,20 @@ def test_a_value_whose_keyword_was_already_released_is_still_redacted(default_en
     assert any("aws_secret_access_key" in h and "******" not in h for h in history), "context out before value"
     assert all(value[:6] not in h for h in history)
     assert 'aws_secret_access_key = "******"' in history[-1] and history[-1].endswith("Then restart. ")
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 11, 50])
+def test_no_line_of_a_streamed_private_key_is_released(default_engine, size):
+    # The header stays in each window (the body collapses to one ******), so every body line is redacted as
+    # it arrives, and the END line and the text after it come through.
+    import random
+
+    from ollama_guard.testing.secret_corpus import GENERATORS
+
+    pem, body_lines = GENERATORS["private-key"][1](random.Random(size))
+    text = "Here it is:\n" + pem + "\nKeep it safe and rotate it every 90 days.\n"
+    guard = StreamGuard(default_engine, default_engine.settings)
+    history, step = run(feed_all(guard, text, size))
+    assert step.violation is None
+    assert all(line[:10] not in h for line in body_lines for h in history)
+    assert history[-1].endswith("-----END RSA PRIVATE KEY-----\nKeep it safe and rotate it every 90 days.\n")

@@ -43,6 +43,8 @@ from detect_secrets.plugins.high_entropy_strings import HighEntropyStringsPlugin
 from detect_secrets.settings import cache_bust, configure_settings_from_baseline, get_plugins, get_settings
 from llm_guard.input_scanners.secrets import Secrets as _LLMGuardSecrets
 
+from . import token_rules
+
 MAX_PASSES = 4
 
 
@@ -196,10 +198,51 @@ def _use_settings(config: dict) -> None:
             _settings_key = key
 
 
+# Our plugin for self-identifying tokens (OpenAI, Anthropic, Google, Hugging Face, npm ... in prose).
+_OUR_PLUGINS = [{"name": "PrefixedTokenDetector", "path": f"file://{token_rules.__file__}"}]
+
+# A PEM private key block (RFC 7468): its header, then everything up to its END line or the end of the text
+# (a streamed answer's window may hold only part of it; a last line of a dash then dashes and capitals is left
+# alone, as it may be the END line still arriving). detect-secrets finds a key only with 10+ body characters right after
+# the header, so a key redacted by it line by line in a stream would leak from its second line on. The header
+# stays, so each later window sees it and redacts the next body lines too.
+PEM_BLOCK = re.compile(
+    r"(-*BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-*)(.*?)"
+    r"(?=-*END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-*|\n-[-A-Z ]*\Z|\Z)",
+    re.DOTALL,
+)
+PEM_REDACTED = "\n******\n"
+
+# Base64 of the image formats a multimodal chat carries (PNG, JPEG, GIF, WebP): data, not credentials.
+_IMAGE_B64 = ("iVBORw0KGgo", "/9j/", "R0lGOD", "UklGR")
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def is_benign_value(secret_type: str, value: str) -> bool:
+    """Entropy findings that are known data: a git object name or a sha256 digest (40 or 64 hex digits),
+    a base64 image. Named rules (a token's prefix) are never dismissed."""
+    if secret_type == "Hex High Entropy String":
+        return len(value) in (40, 64) and set(value) <= _HEX
+    if secret_type == "Base64 High Entropy String":
+        return value.startswith(_IMAGE_B64)
+    return False
+
+
+def redact_private_keys(text: str) -> str:
+    """Every PEM private key's body, up to its END line or the end of the text, as `PEM_REDACTED`."""
+    if "PRIVATE KEY" not in text:
+        return text
+    return PEM_BLOCK.sub(lambda m: m.group(1) + (PEM_REDACTED if m.group(2).strip() not in ("", "******") else m.group(2)), text)
+
+
 class Secrets(_LLMGuardSecrets):
     def __init__(self, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
-        _use_settings(self._detect_secrets_config)
+        # llm-guard's config is one module-level dict: extend a copy.
+        config = dict(self._detect_secrets_config)
+        config["plugins_used"] = [*config["plugins_used"], *_OUR_PLUGINS]
+        self._detect_secrets_config = config
+        _use_settings(config)
 
     def _secret_values(self, text: str) -> list[str]:
         collection = SecretsCollection()
@@ -211,18 +254,21 @@ class Secrets(_LLMGuardSecrets):
         finally:
             os.remove(path)
         values = {
-            str(found.secret_value) for name in collection.files for found in collection[name] if found.secret_value
+            str(found.secret_value)
+            for name in collection.files
+            for found in collection[name]
+            if found.secret_value and not is_benign_value(found.type, str(found.secret_value))
         }
         # Longest first, so a value that contains another is replaced whole.
         return sorted(values, key=len, reverse=True)
 
     def scan(self, prompt: str) -> tuple[str, bool, float]:
-        if not prompt.strip() or not could_hold_secret(prompt):
-            return prompt, True, -1.0
-        values = self._secret_values(prompt)
+        text = redact_private_keys(prompt)
+        if not text.strip() or not could_hold_secret(text):
+            return (prompt, True, -1.0) if text == prompt else (text, False, 1.0)
+        values = self._secret_values(text)
         if not values:
-            return prompt, True, -1.0
-        text = prompt
+            return (prompt, True, -1.0) if text == prompt else (text, False, 1.0)
         for _ in range(MAX_PASSES):
             for value in values:
                 text = text.replace(value, self.redact_value(value, self._redact_mode))

@@ -21,7 +21,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
 
 from llm_guard.input_scanners import Secrets as LLMGuardSecrets  # noqa: E402
-
 from ollama_guard.logs import quiet_llm_guard  # noqa: E402
 from ollama_guard.scanning.secrets import Secrets  # noqa: E402
 from ollama_guard.testing.secret_corpus import CONTEXTS, benign_samples, secret_samples  # noqa: E402
@@ -45,13 +44,15 @@ def main() -> None:
     counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
     ctx_counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
     for s in samples:
-        for i, (name, sc) in enumerate(scanners.items()):
+        for i, sc in enumerate(scanners.values()):
             hit = detected(sc, s)
             counts[(s.kind, "")][i] += hit
             ctx_counts[(s.kind, s.context)][i] += hit
         counts[(s.kind, "")][2] += 1
         ctx_counts[(s.kind, s.context)][2] += 1
-    print(f"{'kind':<24} {'llm-guard':>10} {'ollama-guard':>13}   per context (ollama-guard: " + " ".join(CONTEXTS) + ")")
+    print(
+        f"{'kind':<24} {'llm-guard':>10} {'ollama-guard':>13}   per context (ollama-guard: " + " ".join(CONTEXTS) + ")"
+    )
     tot = [0, 0, 0]
     for (kind, _), (a, b, n) in counts.items():
         per_ctx = " ".join(f"{ctx_counts[(kind, c)][1]}/{ctx_counts[(kind, c)][2]}" for c in CONTEXTS)

@@ -48,6 +48,7 @@ from .responses import (
     stream_response,
     until_disconnect,
 )
+from .scanning import budget
 from .scanning.engine import GuardUnavailable, Verdict
 from .scanning.registry import new_vault
 from .scanning.stream import StreamGuard, side_scanners
@@ -137,6 +138,8 @@ class GuardedRoutes:
         assert st.engine is not None and st.validator is not None and st.upstream is not None
         raw = await read_body(request, s.limits.max_body_bytes, s.limits.body_read_timeout)
         req = st.validator.parse(raw, route)
+        # The scan time this request may use, prompts and answer together (scanning/budget.py).
+        budget.current_budget.set(budget.RequestBudget(s.limits.scan_budget_seconds))
         started = time.perf_counter()
         request.scope.setdefault("state", {})["guarded"] = (req, started)
         assert st.policy is not None
@@ -323,11 +326,13 @@ class GuardedRoutes:
         errored = any(v.error for v in verdicts) and not any(
             not r.valid and r.error is None and r.action == "block" for v in verdicts for r in v.results
         )
+        over_budget = any(r.error == budget.BUDGET_ERROR for v in verdicts for r in v.results)
         decision = "error" if errored else "blocked"
         headers = [decision_header(decision, names)]
         sh = scan_header((direction, verdicts))
         if sh:
             headers.append(sh)
+        message_mode = s.blocked_response == "message" and req.route.kind in ("chat", "generate", "completion")
         self._audit(
             request,
             req,
@@ -335,10 +340,10 @@ class GuardedRoutes:
             names,
             list(earlier) if direction == "output" else verdicts,
             verdicts if direction == "output" else [],
-            403,
+            413 if over_budget else 503 if errored else 200 if message_mode else 403,
             started,
         )
-        if s.blocked_response == "message" and req.route.kind in ("chat", "generate", "completion") and not errored:
+        if message_mode and not errored:
             text = s.blocked_message if direction == "input" else s.answer_blocked_message
             if req.stream:
                 return stream_response(
@@ -352,6 +357,15 @@ class GuardedRoutes:
                 200,
                 headers,
                 "application/json",
+            )
+        if over_budget:
+            return error_response(
+                req.route.dialect,
+                413,
+                f"the {'prompt' if direction == 'input' else 'answer'} is more text than the guard can scan within "
+                f"its budget ({s.limits.scan_budget_seconds:g} s of scanning per request); send less text",
+                "scan_budget_exceeded",
+                headers,
             )
         if errored:
             return error_response(

@@ -174,6 +174,9 @@ class LimitsConfig(_Section):
     upstream_connect_timeout: float = Field(5.0, gt=0)
     upstream_timeout: float = Field(600.0, gt=0, description="no byte from Ollama for this long: 504")
     max_concurrent_scans: int = Field(256, ge=1)
+    scan_budget_seconds: float = Field(
+        10.0, gt=0, description="scan time one request may use, prompts and answer together: over it, 413"
+    )
 
     @field_validator("model_name_pattern")
     @classmethod

@@ -70,10 +70,10 @@ PROSE = [
 ]
 
 
-def test_screen_never_skips_a_text_the_full_scan_would_flag(scanner):
+def test_the_line_screen_finds_what_detect_secrets_scan_file_finds(scanner):
     import random
 
-    from ollama_guard.scanning.secrets import could_hold_secret
+    from ollama_guard.scanning.secrets import could_hold_secret, scan_file_reference, scan_lines
 
     rng = random.Random(7)
     texts = list(SAMPLES) + list(PROSE)
@@ -84,7 +84,8 @@ def test_screen_never_skips_a_text_the_full_scan_would_flag(scanner):
         texts.append(rng.choice([" ", "\n", "\t", ""]).join(parts))
     flagged = 0
     for text in texts:
-        found = scanner._secret_values(text)
+        found = scan_lines(text)
+        assert sorted(found) == sorted(scan_file_reference(text)), text
         flagged += bool(found)
         assert could_hold_secret(text) or not found, text
     assert flagged > 50  # the corpus really holds secrets the full scan finds
@@ -161,9 +162,9 @@ def test_screen_prefilter_never_skips_a_line_its_expression_matches(scanner):
 
     rng = random.Random(11)
     screen = secrets._screen
-    assert screen is not None and sum(1 for _, needles in screen if needles) > 150
+    assert screen is not None and sum(1 for _, needles, _ in screen if needles) > 150
     exercised = 0
-    for pattern, needles in screen:
+    for pattern, needles, _ in screen:
         tree = sre_parse.parse(pattern.pattern, pattern.flags)
         matched = 0
         for _ in range(60):

@@ -9,6 +9,7 @@ output of the last. Verdicts are cached per text under the policy's fingerprint.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -19,6 +20,7 @@ from typing import Any
 import orjson
 
 from ..settings import Settings
+from . import budget
 from .policy import GuardScanner, Policy, os_cpu_count
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,8 @@ def _timed_call(scanner: GuardScanner, text: str, prompt: str, vault: Any) -> tu
     try:
         out, valid, score = scanner.call(text, prompt, vault)
         error = None
+    except budget.ScanBudgetExceeded:
+        out, valid, score, error = text, False, 1.0, budget.BUDGET_ERROR
     except Exception as exc:  # reported per scanner; the engine decides block/allow by config
         out, valid, score, error = text, False, 1.0, f"{type(exc).__name__}: {exc}"
         log.warning("scanner %s raised %s", scanner.name, type(exc).__name__)
@@ -100,18 +104,34 @@ def _run_sequential(
     prompt: str,
     vault: Any,
     short_circuit: bool,
+    deadline: float | None = None,
 ) -> tuple[str, list[ScanResult]]:
-    """Pattern detectors on the original text, then the sanitizer chain. Runs in a worker thread."""
+    """Pattern detectors on the original text, then the sanitizer chain. Runs in a worker thread, and stops
+    at `deadline` (time.monotonic()): the scanner running reports the budget error, the rest do not run."""
+    with budget.deadline(deadline):
+        return _run_chain(detectors, sanitizers, text, prompt, vault, short_circuit)
+
+
+def _run_chain(
+    detectors: list[GuardScanner],
+    sanitizers: list[GuardScanner],
+    text: str,
+    prompt: str,
+    vault: Any,
+    short_circuit: bool,
+) -> tuple[str, list[ScanResult]]:
     results: list[ScanResult] = []
     for s in detectors:
         _, res = _timed_call(s, text, prompt, vault)
         results.append(res)
-        if short_circuit and res.fired and s.action == "block":
+        if res.error == budget.BUDGET_ERROR or (short_circuit and res.fired and s.action == "block"):
             return text, results
     current = text
     for s in sanitizers:
         out, res = _timed_call(s, current, prompt, vault)
         results.append(res)
+        if res.error == budget.BUDGET_ERROR:
+            return text, results
         # A sanitizer's output replaces the text whenever it changed it (Deanonymize reports "valid" and
         # still rewrites placeholders).
         if res.error is None and s.action == "sanitize" and out != current:
@@ -128,6 +148,11 @@ class ScanEngine:
         workers = settings.scan_workers or max(4, os_cpu_count() * 2)
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scan")
         self._slots = asyncio.Semaphore(settings.limits.max_concurrent_scans)
+        # The pool's threads, shared round-robin by request (budget.FairSlots), a quarter of them at most for one
+        # request: pure scanners hold the GIL, so more threads make one request no faster, only the others
+        # slower (bench/hostile_bench.py: normal p99 beside a hostile request 91 ms with 2 of 4, 46 ms with 1).
+        # Batched model jobs hold no thread.
+        self._threads = budget.FairSlots(workers, per_owner=max(1, workers // 4))
         self._groups = {d: self._split(d) for d in ("input", "output")}
 
     def _split(self, direction: str) -> tuple[list[GuardScanner], list[GuardScanner], list[GuardScanner]]:
@@ -211,26 +236,22 @@ class ScanEngine:
         vault: Any,
     ) -> Verdict:
         pattern, sanitizers, models = groups
-        loop = asyncio.get_running_loop()
         async with self._slots:
             jobs = []
             if pattern or sanitizers:
                 timeout = sum(s.cfg.timeout for s in pattern + sanitizers)
                 jobs.append(
-                    self._bounded(
-                        loop.run_in_executor(
-                            self.executor,
-                            _run_sequential,
-                            pattern,
-                            sanitizers,
-                            text,
-                            prompt,
-                            vault,
-                            self.settings.short_circuit,
-                        ),
-                        timeout,
+                    self._pooled(
                         pattern + sanitizers,
+                        timeout,
                         text,
+                        _run_sequential,
+                        pattern,
+                        sanitizers,
+                        text,
+                        prompt,
+                        vault,
+                        self.settings.short_circuit,
                     )
                 )
             run_models = models
@@ -247,16 +268,33 @@ class ScanEngine:
                     # Batched model: await its future; no thread is held while the batch forms and runs.
                     jobs.append(self._awaited(submit, s, text))
                     continue
-                jobs.append(
-                    self._bounded(
-                        loop.run_in_executor(self.executor, _one_model, s, text, prompt, vault),
-                        s.cfg.timeout,
-                        [s],
-                        text,
-                    )
-                )
+                jobs.append(self._pooled([s], s.cfg.timeout, text, _one_model, s, text, prompt, vault))
             done = first + list(await asyncio.gather(*jobs))
         return self._combine(text, done)
+
+    async def _pooled(
+        self, scanners: list[GuardScanner], timeout: float, text: str, fn: Any, *args: Any
+    ) -> tuple[str, list[ScanResult]]:
+        """`fn(*args)` on a pool thread, when this request's turn comes (FairSlots), within the request's scan
+        budget (budget.current_budget): its remaining seconds are the job's deadline, and its run time is
+        charged to it. A request with no budget left gets the budget error without running."""
+        req_budget = budget.current_budget.get()
+        owner = req_budget.owner if req_budget is not None else None
+        async with self._threads.slot(owner):
+            deadline = None
+            if req_budget is not None:
+                if req_budget.remaining() <= 0:
+                    return text, [ScanResult(s.name, False, 1.0, 0.0, s.action, budget.BUDGET_ERROR) for s in scanners]
+                deadline = time.monotonic() + req_budget.remaining()
+                timeout = min(timeout, req_budget.remaining() + 1.0)
+            started = time.monotonic()
+            loop = asyncio.get_running_loop()
+            call = functools.partial(fn, *args, **({"deadline": deadline} if fn is _run_sequential else {}))
+            try:
+                return await self._bounded(loop.run_in_executor(self.executor, call), timeout, scanners, text)
+            finally:
+                if req_budget is not None:
+                    req_budget.used += time.monotonic() - started
 
     async def _awaited(self, submit: Any, s: GuardScanner, text: str) -> tuple[str, list[ScanResult]]:
         started = time.perf_counter()
@@ -290,7 +328,8 @@ class ScanEngine:
         fail_closed = self.settings.block_on_guard_error
         errored = any(r.error for r in results)
         blocked = any(
-            (not r.valid and r.error is None and r.action == "block") or (r.error is not None and fail_closed)
+            (not r.valid and r.error is None and r.action == "block")
+            or (r.error is not None and (fail_closed or r.error == budget.BUDGET_ERROR))
             for r in results
         )
         sanitized = new_text != text

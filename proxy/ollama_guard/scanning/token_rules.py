@@ -53,5 +53,5 @@ RULES: tuple[str, ...] = (
 class PrefixedTokenDetector(RegexBasedDetector):
     """Self-identifying credentials anywhere in a line (see the module docstring for the sources)."""
 
-    secret_type = "Prefixed Token"
+    secret_type = "Prefixed Token"  # noqa: S105 - the finding type detect-secrets reports
     denylist = [re.compile(rule) for rule in RULES]

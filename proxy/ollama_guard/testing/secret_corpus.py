@@ -55,7 +55,9 @@ def _b64url(obj: object) -> str:
 
 def _jwt(rng: random.Random) -> str:
     header = _b64url({"alg": "HS256", "typ": "JWT"})
-    payload = _b64url({"sub": _r(rng, string.digits, 8), "name": "svc", "iat": rng.randrange(1_600_000_000, 1_800_000_000)})
+    payload = _b64url(
+        {"sub": _r(rng, string.digits, 8), "name": "svc", "iat": rng.randrange(1_600_000_000, 1_800_000_000)}
+    )
     return f"{header}.{payload}.{_r(rng, URLSAFE, 43)}"
 
 
@@ -119,7 +121,7 @@ CONTEXTS: dict[str, Callable[[str, str], str]] = {
 
 
 def secret_samples(seed: int = 7, per_kind: int = 5) -> list[Sample]:
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # noqa: S311 - fake tokens for tests, not credentials
     out = []
     for kind, (label, make) in GENERATORS.items():
         for context, wrap in CONTEXTS.items():
@@ -137,7 +139,7 @@ def _png_b64(rng: random.Random, n: int) -> str:
 
 def benign_samples(seed: int = 11, per_kind: int = 5) -> list[Sample]:
     """Text with long random-looking strings that are not credentials; `values` holds those strings."""
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # noqa: S311 - fake tokens for tests, not credentials
     hexd = "0123456789abcdef"
     makers: dict[str, Callable[[], tuple[str, tuple[str, ...]]]] = {
         "git-commit": lambda: (
@@ -153,7 +155,10 @@ def benign_samples(seed: int = 11, per_kind: int = 5) -> list[Sample]:
             f'image: "registry.local/app@sha256:{(d := _r(rng, hexd, 64))}"\nchecksum: "{d}"',
             (d,),
         ),
-        "base64-image-markdown": lambda: (f"Here is the chart: ![chart](data:image/png;base64,{(b := _png_b64(rng, 300))})", (b,)),
+        "base64-image-markdown": lambda: (
+            f"Here is the chart: ![chart](data:image/png;base64,{(b := _png_b64(rng, 300))})",
+            (b,),
+        ),
         "base64-image-json": lambda: (json.dumps({"images": [(b := _png_b64(rng, 300))], "model": "llava"}), (b,)),
         "colours-versions-urls": lambda: (
             "Use #1f2937 on #f9fafb, pin numpy==1.26.4 and see https://docs.python.org/3/library/re.html#re.sub "

@@ -50,7 +50,8 @@ INPUT_TYPES: dict[str, ScannerType] = {
     "BanCompetitors": ScannerType(
         f"{_IN}.ban_competitors", "BanCompetitors", _model(f"{_IN}.ban_competitors", "MODEL_V1")
     ),
-    "BanSubstrings": ScannerType(f"{_IN}.ban_substrings", "BanSubstrings", stream="pattern"),
+    # Ours: llm-guard's, also matching the normalised text (fullwidth, look-alikes, hidden joiners).
+    "BanSubstrings": ScannerType("ollama_guard.scanning.patterns", "BanSubstrings", stream="pattern"),
     "BanTopics": ScannerType(f"{_IN}.ban_topics", "BanTopics", _model(f"{_IN}.ban_topics", "MODEL_DEBERTA_BASE_V2")),
     "Code": ScannerType(f"{_IN}.code", "Code", _model(f"{_IN}.code")),
     "Gibberish": ScannerType(f"{_IN}.gibberish", "Gibberish", _model(f"{_IN}.gibberish")),
@@ -60,7 +61,7 @@ INPUT_TYPES: dict[str, ScannerType] = {
     "PromptInjection": ScannerType(
         f"{_IN}.prompt_injection", "PromptInjection", _model(f"{_IN}.prompt_injection", "V2_MODEL")
     ),
-    "Regex": ScannerType(f"{_IN}.regex", "Regex", stream="pattern"),
+    "Regex": ScannerType("ollama_guard.scanning.patterns", "Regex", stream="pattern"),
     # Our subclass: llm-guard's own redaction leaves secrets behind when a text holds several.
     "Secrets": ScannerType("ollama_guard.scanning.secrets", "Secrets", stream="pattern", hold=0),
     "Sentiment": ScannerType(f"{_IN}.sentiment", "Sentiment", stream="final"),
@@ -73,7 +74,7 @@ OUTPUT_TYPES: dict[str, ScannerType] = {
     "BanCompetitors": ScannerType(
         f"{_OUT}.ban_competitors", "BanCompetitors", _model(f"{_IN}.ban_competitors", "MODEL_V1")
     ),
-    "BanSubstrings": ScannerType(f"{_OUT}.ban_substrings", "BanSubstrings", stream="pattern"),
+    "BanSubstrings": ScannerType("ollama_guard.scanning.patterns", "OutputBanSubstrings", stream="pattern"),
     "BanTopics": ScannerType(f"{_OUT}.ban_topics", "BanTopics", _model(f"{_IN}.ban_topics", "MODEL_DEBERTA_BASE_V2")),
     "Bias": ScannerType(f"{_OUT}.bias", "Bias", _model(f"{_OUT}.bias")),
     "Code": ScannerType(f"{_OUT}.code", "Code", _model(f"{_IN}.code")),
@@ -101,7 +102,7 @@ OUTPUT_TYPES: dict[str, ScannerType] = {
     "NoRefusal": ScannerType(f"{_OUT}.no_refusal", "NoRefusal", _model(f"{_OUT}.no_refusal"), answer_only=True),
     "NoRefusalLight": ScannerType(f"{_OUT}.no_refusal", "NoRefusalLight", stream="pattern", answer_only=True),
     "ReadingTime": ScannerType(f"{_OUT}.reading_time", "ReadingTime", stream="final", answer_only=True),
-    "Regex": ScannerType(f"{_OUT}.regex", "Regex", stream="pattern"),
+    "Regex": ScannerType("ollama_guard.scanning.patterns", "OutputRegex", stream="pattern"),
     "Relevance": ScannerType(
         f"{_OUT}.relevance",
         "Relevance",
@@ -149,7 +150,7 @@ def _install_package_stubs() -> None:
 
 
 def import_module(name: str) -> ModuleType:
-    if name.startswith("llm_guard") or name.startswith("ollama_guard.scanning.secrets"):
+    if name.startswith(("llm_guard", "ollama_guard.scanning.secrets", "ollama_guard.scanning.patterns")):
         _install_package_stubs()
     return importlib.import_module(name)
 

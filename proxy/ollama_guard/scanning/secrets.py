@@ -46,7 +46,7 @@ from detect_secrets.settings import cache_bust, configure_settings_from_baseline
 from detect_secrets.util.code_snippet import get_code_snippet
 from llm_guard.input_scanners.secrets import Secrets as _LLMGuardSecrets
 
-from . import budget, token_rules
+from . import budget, normalize, token_rules
 
 MAX_PASSES = 4
 
@@ -328,20 +328,43 @@ class Secrets(_LLMGuardSecrets):
         self._detect_secrets_config = config
         _use_settings(config)
 
+    def _redact_once(self, text: str) -> str:
+        for value in self._secret_values(text) if text.strip() else []:
+            text = text.replace(value, self.redact_value(value, self._redact_mode))
+        v = normalize.view(text, fold=False)
+        if v.original.isascii() or v.text == text:
+            return text
+        # Found only once normalised: rewrite the original characters each occurrence came from. Only the
+        # lines the view changed can hold such a secret.
+        changed = "\n".join(vl for ol, vl in zip(text.split("\n"), v.text.split("\n"), strict=True) if ol != vl)
+        spans = sorted(
+            v.span(m.start(), m.end())
+            for value in self._secret_values(changed)
+            for m in re.finditer(re.escape(value), v.text)
+        )
+        out, last = [], 0
+        for start, end in spans:
+            if start < last:
+                continue
+            out.append(text[last:start])
+            out.append(self.redact_value(text[start:end], self._redact_mode))
+            last = end
+        out.append(text[last:])
+        return "".join(out)
+
     def _secret_values(self, text: str) -> list[str]:
         values = {value for kind, value in scan_lines(text) if not is_benign_value(kind, value)}
         # Longest first, so a value that contains another is replaced whole.
         return sorted(values, key=len, reverse=True)
 
     def scan(self, prompt: str) -> tuple[str, bool, float]:
+        """Redact every secret, as written or once normalised (fullwidth forms, look-alike letters, hidden
+        joiners: scanning/normalize.py), then scan again until nothing is found. Raises UnredactableSecret
+        when a secret survives MAX_PASSES rounds (the engine blocks the text)."""
         text = redact_private_keys(prompt)
-        values = self._secret_values(text) if text.strip() else []
-        if not values:
-            return (prompt, True, -1.0) if text == prompt else (text, False, 1.0)
         for _ in range(MAX_PASSES):
-            for value in values:
-                text = text.replace(value, self.redact_value(value, self._redact_mode))
-            values = [v for v in self._secret_values(text)]
-            if not values:
-                return text, False, 1.0
+            redacted = self._redact_once(text)
+            if redacted == text:
+                return (prompt, True, -1.0) if text == prompt else (text, False, 1.0)
+            text = redacted
         raise UnredactableSecret("a detected secret survived redaction")

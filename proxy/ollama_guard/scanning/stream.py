@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..settings import Settings
+from . import normalize
 from .engine import ScanEngine, ScanResult, Verdict
 from .policy import GuardScanner
 
@@ -93,7 +94,7 @@ class StreamGuard:
             return self.released
         limit = len(self.text)
         if self.pattern:
-            limit = min(limit, self._running_word_start() - self.hold)
+            limit = min(limit, normalize.back(self.text, self._running_word_start(), self.hold))
         if self.sentence:
             limit = min(limit, self.s_scanned)
         return max(self.released, limit)
@@ -167,7 +168,9 @@ class StreamGuard:
         return start
 
     async def _scan_pattern(self) -> Verdict | None:
-        start = max(0, self._running_word_start() - self.overlap)
+        # `overlap` counts the characters the scanners' normalised view keeps: hidden joiners between the
+        # letters of a match widen the window, not shrink what it covers.
+        start = normalize.back(self.text, self._running_word_start(), self.overlap)
         end = len(self.text)
         verdict = await self._scan(self.pattern, start, end)
         self.p_scanned = len(self.text)

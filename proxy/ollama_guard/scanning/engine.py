@@ -279,7 +279,7 @@ class ScanEngine:
         budget (budget.current_budget): its remaining seconds are the job's deadline, and its run time is
         charged to it. A request with no budget left gets the budget error without running."""
         req_budget = budget.current_budget.get()
-        owner = req_budget.owner if req_budget is not None else None
+        owner = req_budget.owner if req_budget is not None else object()  # outside a request: its own turn
         async with self._threads.slot(owner):
             deadline = None
             if req_budget is not None:

@@ -70,6 +70,7 @@ _settings_lock = threading.Lock()
 _settings_key: str | None = None
 # Each screen expression with the literals one of which its every match contains (folded), or None.
 _screen: list[tuple[re.Pattern[str], tuple[str, ...] | None, BasePlugin]] | None = None  # None: all plugins
+_needles: tuple[str, ...] = ()  # every distinct literal of the screen
 PIECE = min(MAX_LINE_LENGTH // 2, 20_000)
 FILENAME = "<text>"  # the name findings carry; no file is read
 # A long scan gives up the GIL every this many examined lines (~1-2 ms of work), so the event loop and other
@@ -180,7 +181,8 @@ def _screen_for(text: str) -> list[tuple[re.Pattern[str], tuple[str, ...] | None
     if _screen is None:
         return None
     folded = fold(text)
-    return [e for e in _screen if e[1] is None or any(n in folded for n in e[1])]
+    present = frozenset(n for n in _needles if n in folded)  # each distinct literal searched once
+    return [e for e in _screen if e[1] is None or not present.isdisjoint(e[1])]
 
 
 def _plugins_for(
@@ -266,7 +268,7 @@ def scan_file_reference(text: str) -> list[tuple[str, str]]:
 
 
 def _use_settings(config: dict) -> None:
-    global _settings_key, _screen
+    global _settings_key, _screen, _needles
     key = json.dumps(config, sort_keys=True)
     if _settings_key == key:
         return
@@ -277,6 +279,7 @@ def _use_settings(config: dict) -> None:
             get_settings().disable_filters(*BYPASS_FILTERS)
             get_filters.cache_clear()
             _screen = _build_screen()
+            _needles = tuple(sorted({n for _, needles, _ in _screen or () for n in needles or ()}))
             _settings_key = key
 
 

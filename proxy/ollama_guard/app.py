@@ -94,8 +94,9 @@ def create_app(settings: Settings, policy: Policy | None = None) -> FastAPI:
 
     app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None, title="ollama-guard")
     app.state.proxy = state
-    for path, route in ROUTES.items():
-        app.add_route(path, guarded.guarded(route), methods=["POST"])
+    direct = {path: guarded.guarded(route) for path, route in ROUTES.items()}
+    for path, handler in direct.items():
+        app.add_route(path, handler, methods=["POST"])
     for path, methods in PASSTHROUGH:
         app.add_route(path, passthrough.passthrough, methods=methods)
     for path, methods in MANAGEMENT:
@@ -108,7 +109,7 @@ def create_app(settings: Settings, policy: Policy | None = None) -> FastAPI:
     app.add_route("/admin/cache/cleanup", admin.admin_cache_cleanup, methods=["POST"])
     app.add_route("/admin/stats", admin.admin_stats, methods=["GET"])
     app.add_route("/{rest:path}", ops.not_found, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"])
-    app.add_middleware(Gate, state=state)
+    app.add_middleware(Gate, state=state, direct=direct)
     if settings.cors.allow_origins:
         from starlette.middleware.cors import CORSMiddleware
 

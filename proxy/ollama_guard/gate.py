@@ -7,9 +7,12 @@ reaches a route; on a guarded route it still gets its audit record.
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
 from typing import Any
 
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -36,9 +39,13 @@ ROUTE_LABELS = {p for p, _ in PASSTHROUGH + MANAGEMENT} | set(ROUTES) | PROBES |
 class Gate:
     """Pure ASGI middleware (no per-request task or body copy): identity, access, limits, headers, metrics."""
 
-    def __init__(self, app: ASGIApp, state: ProxyState):
+    def __init__(self, app: ASGIApp, state: ProxyState, direct: dict[str, Any] | None = None):
         self.app = app
         self.state = state
+        # path -> handler(Request) -> Response for the guarded POST routes: called here, not through the
+        # framework's middleware and router layers (~15 % of a cache hit's CPU). Each handler is its own
+        # error boundary (pipeline.GuardedRoutes.guarded), so those layers add nothing for them.
+        self.direct = direct or {}
         s = state.settings
         self.client_ip = ClientIP(s.ip_filter.trusted_proxies)
         self.ip_filter = IPFilter(s.ip_filter)
@@ -101,6 +108,9 @@ class Gate:
                     record = short_audit_record(scope, path, decision, response.status_code)
                     audit_log.info("guarded request", extra={"audit": record, "request_id": rid})
                 await response(scope, receive, _with_decision(send_wrapped, decision))
+            elif scope["method"] == "POST" and path in self.direct:
+                response = await self.direct[path](Request(scope, receive, send_wrapped))
+                await response(scope, receive, send_wrapped)
             else:
                 await self.app(scope, receive, send_wrapped)
         finally:
@@ -160,10 +170,14 @@ class Gate:
         return None
 
 
-def _new_id() -> str:
-    import uuid
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count()
 
-    return uuid.uuid4().hex
+
+def _new_id() -> str:
+    """32 hex digits, unique across processes: 64 random bits fixed per process, then a 64-bit counter (a
+    uuid4 per request cost ~2 % of a cache hit's CPU)."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
 def _with_decision(send: Send, decision: str) -> Send:

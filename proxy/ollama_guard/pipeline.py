@@ -39,6 +39,8 @@ from .logs import audit_log, request_id, short_audit_record
 from .relay import GuardedStream
 from .requests import GuardedRequest
 from .responses import (
+    ClientGone,
+    DisconnectWatch,
     decision_header,
     error_response,
     iter_list,
@@ -46,7 +48,6 @@ from .responses import (
     raw_relay,
     scan_header,
     stream_response,
-    until_disconnect,
 )
 from .scanning import budget
 from .scanning.engine import GuardUnavailable, Verdict
@@ -82,6 +83,12 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes:
         return await asyncio.wait_for(collect(), timeout)
     except TimeoutError:
         raise BadRequest("request body not received in time", 408, "body_timeout") from None
+
+
+def _guard_headers(decision: str, fired: list[str], *groups: tuple[str, Sequence[Verdict]]) -> list[tuple[str, str]]:
+    """X-Guard-Decision, and X-Guard-Scanners when anything was scanned."""
+    sh = scan_header(*groups)
+    return [decision_header(decision, sorted(set(fired)))] + ([sh] if sh else [])
 
 
 class GuardedRoutes:
@@ -166,20 +173,20 @@ class GuardedRoutes:
         headers.append(("Accept-Encoding", "identity"))
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         up_started = time.perf_counter()
-        resp = await until_disconnect(request, st.upstream.open("POST", path, headers, raw))
-        if resp is None:
+        watch = DisconnectWatch(request)
+        try:
+            resp = await watch.run(st.upstream.open("POST", path, headers, raw))
+        except ClientGone:
             return self._client_gone(request, req, fired, in_verdicts, started)
         st.metrics.upstream_seconds.labels(route.path).observe(time.perf_counter() - up_started)
-        guard_headers = [decision_header(decision, sorted(set(fired)))]
-        sh = scan_header(("input", in_verdicts))
-        if sh:
-            guard_headers.append(sh)
         out_on = (
             s.enable_output_guard
             and st.engine.has_scanners("output")
             and route.kind in ("chat", "generate", "completion")
         )
         if req.stream and resp.status == 200 and resp.headers.get("Content-Encoding") is None:
+            watch.close()  # the streaming response watches for the client itself
+            guard_headers = _guard_headers(decision, fired, ("input", in_verdicts))
             up_headers = response_headers(resp.headers)
             if not out_on:  # no output scanner: the stream is relayed as it comes (nothing to scan)
                 self._audit(request, req, decision, fired, in_verdicts, [], resp.status, started, output_guard=False)
@@ -202,11 +209,11 @@ class GuardedRoutes:
             request.scope["state"]["audit_deferred"] = True  # written when the stream ends
             return stream_response(relay.__aiter__(), resp.status, up_headers + guard_headers)
         try:
-            body = await until_disconnect(request, Upstream.read(resp))
+            body = await watch.run(Upstream.read(resp), last=True)
+        except ClientGone:
+            return self._client_gone(request, req, fired, in_verdicts, started)
         finally:
             resp.release()
-        if body is None:
-            return self._client_gone(request, req, fired, in_verdicts, started)
         up_headers = response_headers(resp.headers)
         if resp.headers.get("Content-Encoding"):
             raise UpstreamError(502, "protocol", "Ollama sent a compressed body to a guarded route")
@@ -220,7 +227,9 @@ class GuardedRoutes:
             raise UpstreamError(502, "protocol", "Ollama's answer is not a JSON object")
         if not out_on:
             self._audit(request, req, decision, fired, in_verdicts, [], resp.status, started)
-            return make_response(body, resp.status, up_headers + guard_headers)
+            return make_response(
+                body, resp.status, up_headers + _guard_headers(decision, fired, ("input", in_verdicts))
+            )
         out_verdicts, answer = await self._scan_answer(route, obj, req.prompt, vault)
         blocked_out = [v for v in out_verdicts if v.blocked]
         if blocked_out:
@@ -230,11 +239,10 @@ class GuardedRoutes:
         if answer is not obj:
             body = orjson.dumps(answer)
             decision = "sanitized"
-        guard_headers[0] = decision_header(decision, sorted(set(fired)))
-        sh = scan_header(("input", in_verdicts), ("output", out_verdicts))
-        guard_headers[1:] = [sh] if sh else []
         self._audit(request, req, decision, fired, in_verdicts, out_verdicts, 200, started)
-        return make_response(body, 200, up_headers + guard_headers)
+        return make_response(
+            body, 200, up_headers + _guard_headers(decision, fired, ("input", in_verdicts), ("output", out_verdicts))
+        )
 
     async def _upstream_refused(
         self,

@@ -50,40 +50,64 @@ DONE = object()  # the SSE stream's closing `data: [DONE]`
 MAX_LINE_BYTES = 16 * 1024 * 1024
 
 
-async def _lines(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    while True:
-        line = await resp.content.readuntil(b"\n", max_size=MAX_LINE_BYTES)
-        if not line:
-            return
-        yield line
+async def _line_batches(resp: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
+    """The lines of the stream (each with its newline; the last may lack one), one list per read from the
+    network: what arrived together is relayed together, in one write. Raises ValueError for a line over
+    MAX_LINE_BYTES."""
+    parts: list[bytes] = []  # the line still arriving, in pieces (joined once: no quadratic copying)
+    size = 0
+    async for chunk in resp.content.iter_any():
+        out: list[bytes] = []
+        start = 0
+        while (i := chunk.find(b"\n", start)) >= 0:
+            if parts:
+                parts.append(chunk[start : i + 1])
+                out.append(b"".join(parts))
+                parts, size = [], 0
+            else:
+                out.append(chunk[start : i + 1])
+            start = i + 1
+        if start < len(chunk):
+            parts.append(chunk[start:])
+            size += len(chunk) - start
+            if size > MAX_LINE_BYTES:
+                raise ValueError(f"a stream line over {MAX_LINE_BYTES} bytes")
+        if out:
+            yield out
+    if parts:
+        yield [b"".join(parts)]
 
 
-async def iter_events(resp: aiohttp.ClientResponse, route: Route) -> AsyncIterator[tuple[bytes, Any]]:
-    """(raw event bytes as they go to the client, parsed JSON, None when it is not JSON, or DONE) for each
-    NDJSON line / SSE event."""
-    if route.dialect == OLLAMA:
-        async for line in _lines(resp):
-            if not line.strip():
+async def iter_event_batches(resp: aiohttp.ClientResponse, route: Route) -> AsyncIterator[list[tuple[bytes, Any]]]:
+    """For each read from the network, its events: (raw event bytes as they go to the client, parsed JSON,
+    None when it is not JSON, or DONE) for each NDJSON line / SSE event."""
+    ollama = route.dialect == OLLAMA
+    async for lines in _line_batches(resp):
+        events: list[tuple[bytes, Any]] = []
+        for line in lines:
+            if ollama:
+                if not line.strip():
+                    continue
+                try:
+                    obj = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    obj = None
+                events.append(((line if line.endswith(b"\n") else line + b"\n"), obj))
+                continue
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue  # blank separators, comments, event names: we frame our own events
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                events.append((b"data: [DONE]\n\n", DONE))
                 continue
             try:
-                obj = orjson.loads(line)
+                obj = orjson.loads(payload)
             except orjson.JSONDecodeError:
                 obj = None
-            yield (line if line.endswith(b"\n") else line + b"\n"), obj
-        return
-    async for line in _lines(resp):
-        line = line.strip()
-        if not line.startswith(b"data:"):
-            continue  # blank separators, comments, event names: we frame our own events
-        payload = line[5:].strip()
-        if payload == b"[DONE]":
-            yield b"data: [DONE]\n\n", DONE
-            continue
-        try:
-            obj = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            obj = None
-        yield b"data: " + payload + b"\n\n", obj
+            events.append((b"data: " + payload + b"\n\n", obj))
+        if events:
+            yield events
 
 
 @dataclass(slots=True)
@@ -323,9 +347,14 @@ class GuardedStream:
     async def __aiter__(self) -> AsyncIterator[bytes]:
         done = False
         try:
-            async for raw, obj in iter_events(self.resp, self.route):
-                for piece in await self._event(raw, obj):
-                    yield piece
+            async for events in iter_event_batches(self.resp, self.route):
+                out: list[bytes] = []
+                for raw, obj in events:
+                    out.extend(await self._event(raw, obj))
+                    if self.violation is not None or self.broken is not None:
+                        break
+                if out:
+                    yield b"".join(out)  # what arrived together goes out in one write
                 if self.violation is not None or self.broken is not None:
                     break
             if self.broken is None and not self.ended and self.violation is None:

@@ -72,6 +72,8 @@ _settings_key: str | None = None
 # Each screen expression with the literals one of which its every match contains (folded), or None.
 _screen: list[tuple[re.Pattern[str], tuple[str, ...] | None, BasePlugin]] | None = None  # None: all plugins
 _automaton: ahocorasick.Automaton | None = None  # finds every literal of the screen in one pass
+_always: list[int] = []  # screen entries with no literal: tried on every text
+_by_needle: dict[str, list[int]] = {}  # literal -> the screen entries that need it
 PIECE = min(MAX_LINE_LENGTH // 2, 20_000)
 FILENAME = "<text>"  # the name findings carry; no file is read
 # A long scan gives up the GIL every this many examined lines (~1-2 ms of work), so the event loop and other
@@ -193,8 +195,11 @@ def _screen_for(text: str) -> list[tuple[re.Pattern[str], tuple[str, ...] | None
         return None
     # Every literal occurring in the text, in one Aho-Corasick pass (pyahocorasick, C): ~190 substring
     # searches per text were the largest cost of a streamed answer's windows.
-    present = {n for _, n in _automaton.iter(fold(text))} if _automaton is not None else set()
-    return [e for e in _screen if e[1] is None or not present.isdisjoint(e[1])]
+    chosen = set(_always)
+    if _automaton is not None:
+        for _, needle in _automaton.iter(fold(text)):
+            chosen.update(_by_needle[needle])
+    return [_screen[i] for i in sorted(chosen)]
 
 
 def _plugins_for(
@@ -280,7 +285,7 @@ def scan_file_reference(text: str) -> list[tuple[str, str]]:
 
 
 def _use_settings(config: dict) -> None:
-    global _settings_key, _screen, _automaton
+    global _settings_key, _screen, _automaton, _always, _by_needle
     key = json.dumps(config, sort_keys=True)
     if _settings_key == key:
         return
@@ -292,6 +297,11 @@ def _use_settings(config: dict) -> None:
             get_filters.cache_clear()
             _screen = _build_screen()
             _automaton = _build_automaton({n for _, needles, _ in _screen or () for n in needles or ()})
+            _always = [i for i, (_, needles, _) in enumerate(_screen or ()) if needles is None]
+            _by_needle = {}
+            for i, (_, needles, _) in enumerate(_screen or ()):
+                for n in needles or ():
+                    _by_needle.setdefault(n, []).append(i)
             _settings_key = key
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from .settings import Settings
 
@@ -17,6 +18,19 @@ def pull_models(settings: Settings, force: bool = False, only: list[str] | None 
     from .scanning import registry
     from .scanning.policy import default_input_scanners, default_output_scanners, resolve_model
 
+    inputs = settings.input_scanners if settings.input_scanners is not None else default_input_scanners()
+    outputs = settings.output_scanners if settings.output_scanners is not None else default_output_scanners()
+    remote = [
+        (d, c)
+        for d, c in [("input", c) for c in inputs] + [("output", c) for c in outputs]
+        if registry.lookup(c.type, d)[0].remote and (not only or c.display_name in only or c.type in only)
+    ]
+    guard_failures = sum(not pull_guard_model(settings, d, c) for d, c in remote)
+    if remote and all(
+        registry.lookup(c.type, d)[0].remote
+        for d, c in [("input", c) for c in inputs] + [("output", c) for c in outputs]
+    ):
+        return 1 if guard_failures else 0
     os.environ.pop("HF_HUB_OFFLINE", None)
     os.environ.pop("TRANSFORMERS_OFFLINE", None)
     try:
@@ -25,14 +39,12 @@ def pull_models(settings: Settings, force: bool = False, only: list[str] | None 
     except ImportError:
         print("models pull needs huggingface_hub (installed with llm-guard)", file=sys.stderr)
         return 2
-    inputs = settings.input_scanners if settings.input_scanners is not None else default_input_scanners()
-    outputs = settings.output_scanners if settings.output_scanners is not None else default_output_scanners()
     configs = [("input", c) for c in inputs] + [("output", c) for c in outputs]
-    failures = 0
+    failures = guard_failures
     pulled = 0
     for direction, cfg in configs:
         stype, _ = registry.lookup(cfg.type, direction)
-        if stype.default_model is None and cfg.model is None and cfg.type != "Anonymize":
+        if stype.remote or (stype.default_model is None and cfg.model is None and cfg.type != "Anonymize"):
             continue
         if only and cfg.display_name not in only and cfg.type not in only:
             continue
@@ -72,3 +84,46 @@ def pull_models(settings: Settings, force: bool = False, only: list[str] | None 
             print(f"  exported ONNX to {local}/onnx/model.onnx")
     print(f"pulled {pulled} model(s), {failures} failure(s)")
     return 1 if failures else 0
+
+
+def pull_guard_model(settings: Settings, direction: str, cfg: Any) -> bool:
+    """Have Ollama pull a guard-model scanner's model (`POST /api/pull`, streamed), printing its progress.
+    True when Ollama reports success."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    model = cfg.params.get("model")
+    url = str(cfg.params.get("ollama_url") or settings.ollama_url).rstrip("/")
+    print(f"{direction}/{cfg.display_name}: ollama pull {model} on {url}")
+    if not url.startswith(("http://", "https://")):
+        print(f"  failed: {url} is not an http(s) URL", file=sys.stderr)
+        return False
+    request = urllib.request.Request(  # noqa: S310 - http(s) only, checked above
+        url + "/api/pull",
+        data=json.dumps({"model": model, "stream": True}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    last = ""
+    try:
+        with urllib.request.urlopen(request, timeout=600) as resp:  # noqa: S310 - the configured Ollama URL
+            for raw in resp:
+                if not raw.strip():
+                    continue
+                event = json.loads(raw)
+                if "error" in event:
+                    print(f"  failed: {event['error']}", file=sys.stderr)
+                    return False
+                status = str(event.get("status", ""))
+                total, done = event.get("total"), event.get("completed")
+                line = f"  {status}" + (f" {100 * done // total}%" if total and done is not None else "")
+                if line != last:
+                    print(line, flush=True)
+                    last = line
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"  failed: Ollama at {url} did not answer ({type(exc).__name__})", file=sys.stderr)
+        return False
+    if last.strip() != "success":
+        print("  failed: Ollama did not report success", file=sys.stderr)
+        return False
+    return True

@@ -3,6 +3,7 @@ serve (never forwarded)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -32,6 +33,7 @@ class OpsEndpoints:
             "scanners": {f"{s.direction}/{s.name}": s.describe() for s in (policy.all() if policy else [])},
         }
         missing = [f"{s.direction}/{s.name}: {s.missing}" for s in (policy.all() if policy else []) if s.missing]
+        missing += [f"{name}: {why}" for name, why in await self._absent_guard_models()]
         if missing:
             body["problems"] = missing
         return make_response(orjson.dumps(body), 200, [], "application/json")
@@ -45,6 +47,10 @@ class OpsEndpoints:
             reasons += [
                 f"required scanner {s.direction}/{s.name} missing: {s.missing}" for s in st.policy.missing_required()
             ]
+            reasons += [
+                f"required guard model {name} missing: {why}"
+                for name, why in await self._absent_guard_models(required_only=True)
+            ]
         cache_cfg = st.settings.cache
         if cache_cfg.enabled and cache_cfg.backend == "redis" and st.cache is not None:
             # `redis` is the strict setting: a replica without the shared cache is taken out of rotation
@@ -53,6 +59,14 @@ class OpsEndpoints:
                 reasons.append("cache.backend is redis and Redis does not answer")
         body = {"ready": not reasons, **({"reasons": reasons} if reasons else {})}
         return make_response(orjson.dumps(body), 503 if reasons else 200, [], "application/json")
+
+    async def _absent_guard_models(self, required_only: bool = False) -> list[tuple[str, str]]:
+        """(scanner, why) for each loaded guard-model scanner whose model Ollama does not have (`/api/show`)."""
+        policy = self.st.policy
+        remote = [s for s in (policy.all() if policy else []) if s.stype.remote and s.loaded]
+        remote = [s for s in remote if s.required or not required_only]
+        found = await asyncio.gather(*(s.instance.present() for s in remote))
+        return [(f"{s.direction}/{s.name}", why) for s, why in zip(remote, found, strict=True) if why]
 
     async def metrics(self, request: Request) -> Response:
         if not self.st.settings.metrics_enabled:

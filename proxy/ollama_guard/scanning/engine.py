@@ -273,6 +273,9 @@ class ScanEngine:
             else:
                 first = []
             for s in run_models:
+                if s.stype.remote:
+                    jobs.append(self._asked(s, text, prompt))
+                    continue
                 submit = _submitter(s)
                 if submit is not None:
                     # Batched model: await its future; no thread is held while the batch forms and runs.
@@ -321,6 +324,20 @@ class ScanEngine:
             finally:
                 if req_budget is not None:
                     req_budget.used += time.monotonic() - started
+
+    async def _asked(self, s: GuardScanner, text: str, prompt: str) -> tuple[str, list[ScanResult]]:
+        """A guard model served by Ollama (scanning/guard_models.py): awaited on the event loop, no thread."""
+        started = time.perf_counter()
+        error = None
+        try:
+            _, valid, score = await asyncio.wait_for(s.instance.ask(text, prompt), s.cfg.timeout)
+        except TimeoutError:
+            valid, score, error = False, 1.0, "timeout"
+        except Exception as exc:  # an unreadable answer, Ollama down: block/allow by block_on_guard_error
+            valid, score, error = False, 1.0, f"{type(exc).__name__}: {exc}"
+            log.warning("scanner %s raised %s", s.name, type(exc).__name__)
+        ms = (time.perf_counter() - started) * 1000.0
+        return text, [ScanResult(s.name, bool(valid), float(score), ms, s.action, error)]
 
     async def _awaited(self, submit: Any, s: GuardScanner, text: str) -> tuple[str, list[ScanResult]]:
         started = time.perf_counter()

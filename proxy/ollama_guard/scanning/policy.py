@@ -84,7 +84,7 @@ class GuardScanner:
 
     @property
     def is_model(self) -> bool:
-        return self.stype.default_model is not None or self.cfg.model is not None
+        return self.stype.default_model is not None or self.cfg.model is not None or self.stype.remote
 
     @property
     def loaded(self) -> bool:
@@ -239,6 +239,8 @@ def build_scanner(
     gs = GuardScanner(cfg=cfg, direction=direction, stype=stype, adapted=adapted)
     started = time.perf_counter()
     params = _params(cfg)
+    if stype.remote:
+        return _build_remote(gs, params, direction, settings, started)
     is_pii = cfg.type in pii.PII_TYPES and direction == "input"
     if is_pii or gs.is_model:
         model_dir, ref = resolve_model(cfg, stype, settings)
@@ -276,6 +278,28 @@ def build_scanner(
     except Exception as exc:  # a broken model or bad params: reported, never a silent pass
         gs.missing = f"failed to load: {type(exc).__name__}: {exc}"
         log.exception("scanner %s (%s) failed to load", gs.name, direction)
+    gs.load_seconds = time.perf_counter() - started
+    return gs
+
+
+def _build_remote(
+    gs: GuardScanner, params: dict[str, Any], direction: str, settings: Settings, started: float
+) -> GuardScanner:
+    """A guard model served by Ollama: on the proxy's upstream unless `ollama_url` is given, never the proxy."""
+    from urllib.parse import urlsplit
+
+    params.setdefault("ollama_url", settings.ollama_url)
+    params.setdefault("timeout", gs.cfg.timeout)
+    target = urlsplit(str(params["ollama_url"]))
+    if target.port == settings.proxy_port and target.hostname in {settings.proxy_host, "127.0.0.1", "localhost"}:
+        gs.missing = f"ollama_url {params['ollama_url']} is this proxy: a guard model is asked on Ollama itself"
+        return gs
+    params["direction"] = direction
+    try:
+        gs.instance = registry.scanner_class(gs.stype)(**params)
+        gs.model_id = f"{params.get('model')}@{params['ollama_url']}"
+    except Exception as exc:  # bad params: reported, never a silent pass
+        gs.missing = f"failed to load: {type(exc).__name__}: {exc}"
     gs.load_seconds = time.perf_counter() - started
     return gs
 

@@ -38,6 +38,8 @@ class ScannerType:
     # Output scanners that judge the answer as an answer (its form, or how it relates to the prompt): they
     # do not run on a model's thinking or on tool-call arguments, which every other output scanner sees.
     answer_only: bool = False
+    # Asks a model served elsewhere (scanning/guard_models.py): no weights on disk, an async `ask`.
+    remote: bool = False
 
 
 def _model(mod: str, attr: str = "DEFAULT_MODEL") -> tuple[str, str]:
@@ -62,6 +64,7 @@ INPUT_TYPES: dict[str, ScannerType] = {
         f"{_IN}.prompt_injection", "PromptInjection", _model(f"{_IN}.prompt_injection", "V2_MODEL")
     ),
     "Regex": ScannerType("ollama_guard.scanning.patterns", "Regex", stream="pattern"),
+    "OllamaGuard": ScannerType("ollama_guard.scanning.guard_models", "OllamaGuard", remote=True),
     # Our subclass: llm-guard's own redaction leaves secrets behind when a text holds several.
     "Secrets": ScannerType("ollama_guard.scanning.secrets", "Secrets", stream="pattern", hold=0),
     "Sentiment": ScannerType(f"{_IN}.sentiment", "Sentiment", stream="final"),
@@ -103,6 +106,7 @@ OUTPUT_TYPES: dict[str, ScannerType] = {
     "NoRefusalLight": ScannerType(f"{_OUT}.no_refusal", "NoRefusalLight", stream="pattern", answer_only=True),
     "ReadingTime": ScannerType(f"{_OUT}.reading_time", "ReadingTime", stream="final", answer_only=True),
     "Regex": ScannerType("ollama_guard.scanning.patterns", "OutputRegex", stream="pattern"),
+    "OllamaGuard": ScannerType("ollama_guard.scanning.guard_models", "OllamaGuard", remote=True),
     "Relevance": ScannerType(
         f"{_OUT}.relevance",
         "Relevance",

@@ -10,6 +10,11 @@ Used by the tests, the benchmarks and the in-cluster e2e. The answer is scripted
 A text may also script thinking and tool calls, in parts separated by `` || ``: ``THINK: <thoughts> ||
 REPLY: <answer> || TOOL: <name> <JSON object of arguments>``. Thinking streams first (native ``thinking``,
 OpenAI-compatible ``reasoning``), then the answer, then one chunk with the tool calls, as Ollama sends them.
+Guard models (a model name starting ``llama-guard``, ``shieldgemma`` or ``granite3-guardian``) answer as
+those models do through Ollama: Llama Guard ``safe`` or ``unsafe\nS<n>`` (``GUARD-UNSAFE`` or
+``GUARD-UNSAFE-S<n>`` in any message makes it unsafe), ShieldGemma and Granite Guardian ``Yes``/``No``;
+``GUARD-MALFORMED`` makes any of them answer out of format. ``/api/show`` of a model named ``missing...``
+is a 404, as Ollama answers for a model it does not have.
 Options ``fake_chunk_chars`` (default 4) sets the stream chunk size; ``fake_delay_ms`` a delay per chunk
 (on /v1 chat: ``metadata.fake_chunk_chars``).
 Every request is recorded (``requests``) so tests can check what reached Ollama; run standalone, it records none.
@@ -155,6 +160,25 @@ async def faults(request: web.Request, handler: Any) -> web.StreamResponse:
     return web.Response(status=200, body=b'{"model":"m","done":true}', content_type="application/json", headers=lie)
 
 
+GUARD_FAMILIES = {"llama-guard": "llama-guard", "shieldgemma": "yes-no", "granite3-guardian": "yes-no"}
+_UNSAFE = re.compile(r"GUARD-UNSAFE(?:-(S\d+))?")
+
+
+def guard_answer(body: dict[str, Any]) -> str | None:
+    """What a guard model answers to this chat, in its family's format; None for other models."""
+    model = str(body.get("model", ""))
+    kind = next((k for name, k in GUARD_FAMILIES.items() if model.startswith(name)), None)
+    if kind is None:
+        return None
+    text = "\n".join(str(m.get("content", "")) for m in body.get("messages", []) if isinstance(m, dict))
+    if "GUARD-MALFORMED" in text:
+        return "I cannot tell; it might be fine."
+    m = _UNSAFE.search(text)
+    if kind == "llama-guard":
+        return f"unsafe\n{m.group(1) or 'S1'}" if m else "safe"
+    return "Yes" if m else "No"
+
+
 def raw_lines(text: str) -> list[str] | None:
     """The lines a ``RAWLINES:`` script asks for, or None."""
     text = text.strip()
@@ -235,7 +259,10 @@ class FakeOllama:
         return web.json_response({"models": []})
 
     async def show(self, request: web.Request) -> web.Response:
-        await self._body(request)
+        body = await self._body(request)
+        name = str(body.get("model") or body.get("name") or "")
+        if name.startswith("missing"):
+            return web.json_response({"error": f"model '{name}' not found"}, status=404)
         return web.json_response(
             {
                 "modelfile": "FROM llama3.2",
@@ -269,6 +296,8 @@ class FakeOllama:
             return await self._raw(request, lines, sse=False)
         sc = Script(users[-1] if users else "")
         answer = sc.answer
+        if (verdict := guard_answer(body)) is not None:
+            sc, answer = Script(""), verdict
         opts = body.get("options") or {}
         base = {"model": body["model"]}
         final_stats = {

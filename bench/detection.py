@@ -80,7 +80,7 @@ async def measure(corpus: list[tuple[str, bool, str]], settings) -> None:  # noq
     false_pos: Counter[str] = Counter()
     scored: list[tuple[float, bool]] = []
     by_scanner: Counter[str] = Counter()
-    for (prompt, is_attack, category), v in zip(corpus, verdicts, strict=True):
+    for (_, is_attack, category), v in zip(corpus, verdicts, strict=True):
         flagged = any(not r.valid for r in v.results)
         scored.append((max((r.score for r in v.results), default=-1.0), is_attack))
         for r in v.results:
@@ -97,14 +97,18 @@ async def measure(corpus: list[tuple[str, bool, str]], settings) -> None:  # noq
             false_pos[category] += flagged
     n_att, n_ben = tp + fn, fp + tn
     print(f"corpus: {len(corpus)} prompts, {n_att} attacks, {n_ben} benign")
-    print(f"TPR {tp}/{n_att} = {tp / n_att if n_att else float('nan'):.3f}   FPR {fp}/{n_ben} = "
-          f"{fp / n_ben if n_ben else float('nan'):.3f}   precision {tp / (tp + fp) if tp + fp else float('nan'):.3f}")
+    print(
+        f"TPR {tp}/{n_att} = {tp / n_att if n_att else float('nan'):.3f}   FPR {fp}/{n_ben} = "
+        f"{fp / n_ben if n_ben else float('nan'):.3f}   precision {tp / (tp + fp) if tp + fp else float('nan'):.3f}"
+    )
     area = auc(scored)
     print(f"AUC (highest scanner score) {area:.3f}" if area is not None else "AUC: scores do not vary (pure scanners)")
     print("attacks caught by scanner: " + (", ".join(f"{k} {v}" for k, v in by_scanner.most_common()) or "none"))
     print("missed attacks per category: " + ", ".join(f"{c} {missed[c]}/{attacks[c]}" for c in sorted(attacks)))
     flagged_benign = {c: n for c, n in false_pos.items() if n}
-    print("benign flagged per category: " + (", ".join(f"{c} {n}" for c, n in sorted(flagged_benign.items())) or "none"))
+    print(
+        "benign flagged per category: " + (", ".join(f"{c} {n}" for c, n in sorted(flagged_benign.items())) or "none")
+    )
 
 
 def main() -> None:

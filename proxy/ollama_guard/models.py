@@ -13,6 +13,10 @@ from typing import Any
 
 from .settings import Settings
 
+# The files a scanner model needs: config and tokenizer files (BERT's vocab.txt, RoBERTa's vocab.json and
+# merges.txt, DeBERTa-v3's SentencePiece spm.model, tokenizer.json) and the weights; no other framework's.
+PULL_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "tokenizer*", "*.py"]
+
 
 def pull_models(settings: Settings, force: bool = False, only: list[str] | None = None, onnx: bool = False) -> int:
     from .scanning import registry
@@ -62,7 +66,7 @@ def pull_models(settings: Settings, force: bool = False, only: list[str] | None 
                 repo_id=repo,
                 revision=ref.revision,
                 local_dir=local,
-                allow_patterns=["*.json", "*.txt", "*.model", "*.safetensors", "tokenizer*", "*.py"],
+                allow_patterns=PULL_PATTERNS,
             )
         except (LocalEntryNotFoundError, OSError) as exc:
             failures += 1

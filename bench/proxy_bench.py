@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -211,6 +212,76 @@ def stream_scaling(url: str, sizes: tuple[int, ...] = (1_000, 4_000, 16_000, 64_
     return out
 
 
+def thread_cpu(pid: int, url: str) -> dict[str, Any]:
+    """CPU seconds per thread of `pid` (/proc), with the proxy's own account of which thread does what."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    per_tid: dict[int, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        per_tid[int(task.name)] = (int(fields[11]) + int(fields[12])) / ticks
+    engine = httpx.get(url + "/stats").json()["scan_engine"]
+    return {"cpu": per_tid, "engine": engine}
+
+
+def cpu_split(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """CPU seconds spent between two `thread_cpu` samples: event loop, scan pool, batchers, the model's own
+    threads (torch / ONNX Runtime intra-op pools: every other thread), and the batches formed."""
+    threads = after["engine"]["threads"]
+    roles = {threads["event_loop"]: "event loop"}
+    roles.update({t: "scan pool" for t in threads["scan_pool"]})
+    roles.update({t: "batcher" for t in threads["batchers"]})
+    split: dict[str, float] = {"event loop": 0.0, "scan pool": 0.0, "batcher": 0.0, "model threads": 0.0}
+    for tid, cpu in after["cpu"].items():
+        split[roles.get(tid, "model threads")] += cpu - before["cpu"].get(tid, 0.0)
+    batches = texts = 0
+    for name, m in after["engine"]["models"].items():
+        b0 = before["engine"]["models"].get(name, {"batches": 0, "texts": 0})
+        batches += m["batches"] - b0["batches"]
+        texts += m["texts"] - b0["texts"]
+    return {"split": split, "mean_batch": texts / batches if batches else 0.0}
+
+
+def report_model(args: argparse.Namespace, model_dir: Path, cells: dict[int, Any]) -> None:
+    """The model rows: the proxy's unique-prompt cells beside the engine alone and llm-guard's scanner called
+    per request (bench/scan_throughput.py's variants) on the same kind of prompts, measured in this run."""
+    import asyncio
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from ollama_guard.device import setup_torch
+    from ollama_guard.scanning.batching import close_shared
+    from scan_throughput import load, make_engine
+
+    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo"]
+    texts = [(f"NONCE-{i} " + " ".join(words[(i + k * 7) % len(words)] for k in range(45)))[:300] for i in range(512)]
+    device = setup_torch("cpu", False, False, None)
+    variant = "engine-onnx" if args.onnx else "engine-torch"
+    alone: dict[str, dict[int, Any]] = {}
+    reference = "per-request-onnx" if args.onnx else "per-request"
+    for name in (reference, variant):
+        engine, inst = make_engine(name, model_dir, device, 16, 2.0)
+        for t in texts[:8]:
+            inst.scan(t)
+        alone[name] = {c: asyncio.run(load(engine, texts, c, float(args.duration), 0.5)) for c in cells}
+        engine.close()
+        close_shared()
+    print(f"\nPromptInjection on {args.model}{' (ONNX)' if args.onnx else ' (torch)'}: whole proxy vs the scan alone")
+    for c, (split, wrk_cell) in sorted(cells.items()):
+        ref = alone[reference][c]["scans_per_s"]
+        eng = alone[variant][c]["scans_per_s"]
+        cpu = split["split"]
+        total = sum(cpu.values()) or 1.0
+        print(
+            f"c={c:<2} proxy {wrk_cell['rps']:6.1f} req/s (p99 {wrk_cell['p99_ms']:.0f} ms) | engine alone "
+            f"{eng:6.1f} scans/s | llm-guard per request {ref:6.1f} scans/s (p99 "
+            f"{alone[reference][c]['p99_ms']:.0f} ms) | proxy {wrk_cell['rps'] / ref:.2f}x llm-guard, "
+            f"engine {eng / ref:.2f}x | mean batch {split['mean_batch']:.1f}"
+        )
+        print("      proxy CPU: " + ", ".join(f"{k} {v:.1f} s ({100 * v / total:.0f}%)" for k, v in cpu.items()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=8)
@@ -255,6 +326,10 @@ def main() -> None:
             from scan_throughput import build_models
 
             model_dir = build_models(tmp / "models", [args.model])[args.model]
+            if args.onnx:
+                from ollama_guard.scanning.onnx_export import export_onnx
+
+                export_onnx(model_dir)
             policy["input_scanners"] = POLICY["input_scanners"] + [
                 {
                     "type": "PromptInjection",
@@ -303,6 +378,7 @@ def main() -> None:
         unique.write_text(UNIQUE_LUA)
         httpx.post(proxy + "/api/chat", content=SAME_BODY)  # warm the cache
         rows = []
+        model_cells: dict[int, tuple[dict[str, Any], dict[str, float]]] = {}
         counts: dict[tuple[int, str], tuple[int, int]] = {}
         for conns in (1, 16):
             d = wrk(direct + "/api/chat", same, conns, args.duration)
@@ -312,7 +388,10 @@ def main() -> None:
                 if name == "unique":  # a new nonce for every wrk run: counters restart with each run
                     unique.write_text(f'local nonce = "{os.urandom(4).hex()}"\n' + UNIQUE_LUA)
                 h0, m0 = cache_counts(proxy)
+                split0 = thread_cpu(procs[-1].pid, proxy) if args.model and name == "unique" else None
                 cells[name] = wrk(proxy + "/api/chat", script, conns, args.duration)
+                if split0 is not None:
+                    model_cells[conns] = (cpu_split(split0, thread_cpu(procs[-1].pid, proxy)), cells[name])
                 h1, m1 = cache_counts(proxy)
                 counts[(conns, name)] = (h1 - h0, m1 - m0)
             rows.append((conns, d, cells["hit"], cells["unique"], pt))
@@ -370,6 +449,8 @@ def main() -> None:
                 f"({(p - d) / n * 1000:.2f} ms added per 1,000 chars)"
             )
         print(f"cache hit rate {st['cache']['hit_rate']:.3f}; idle RSS with the default-style policy {rss_idle:.0f} MB")
+        if args.model:
+            report_model(args, model_dir, model_cells)
     finally:
         for p in reversed(procs):
             p.terminate()

@@ -101,8 +101,46 @@ class OpsEndpoints:
                 "backend": st.limiter.backend if st.limiter else None,
             },
             **st.stats.snapshot(),
+            "scan_engine": self._engine_stats(),
         }
         return make_response(orjson.dumps(body), 200, [], "application/json")
+
+    def _engine_stats(self) -> dict[str, Any]:
+        """How model scans were batched (per model scanner), and the native ids of the threads that scan, so a
+        benchmark can split the process's CPU between the event loop, the scan pool, the batchers and the
+        model's own threads (docs/SCAN_ENGINE.md)."""
+        import os
+        import threading
+
+        st = self.st
+        models: dict[str, Any] = {}
+        batchers: list[int] = []
+        for s in st.policy.all() if st.policy else []:
+            inst = getattr(s.instance, "inner", s.instance)
+            clf = getattr(inst, "classifier", None)
+            if clf is None:
+                continue
+            b = clf.stats
+            models[f"{s.direction}/{s.name}"] = {
+                "batches": b.batches,
+                "texts": b.texts,
+                "mean_batch": round(b.texts / b.batches, 2) if b.batches else 0.0,
+                "passes": b.passes,
+                "windows": b.windows,
+                "max_pass_rows": b.max_pass_rows,
+            }
+            thread = getattr(clf, "_thread", None)
+            if thread is not None and thread.native_id is not None:
+                batchers.append(thread.native_id)
+        pool = st.engine.executor._threads if st.engine is not None else set()  # noqa: SLF001 - ids only
+        return {
+            "models": models,
+            "threads": {
+                "event_loop": threading.main_thread().native_id or os.getpid(),
+                "scan_pool": sorted(t.native_id for t in pool if t.native_id is not None),
+                "batchers": sorted(set(batchers)),
+            },
+        }
 
     async def not_found(self, request: Request) -> Response:
         return error_response(

@@ -205,3 +205,14 @@ def test_models_pull_has_ollama_pull_the_guard_models(tmp_path, upstream):
     assert "ollama pull llama-guard3:1b" in out.stdout and "success" in out.stdout
     pulls = [r for r in upstream.requests if r["path"] == "/api/pull"]
     assert pulls and pulls[-1]["body"]["model"] == "llama-guard3:1b"
+
+
+@pytest.mark.parametrize("fault", ["no-answer", "http500-json", "garbage", "reset"])
+def test_a_guard_model_that_fails_like_a_real_upstream_fails_closed(start_proxy, upstream, fault):
+    # The guard call carries the prompt, so FAULT:<name> in it makes the fake Ollama fail that call.
+    cfg = {**guard("llama-guard"), "timeout": 1.0}
+    p = start_proxy(input_scanners=[cfg], output_scanners=[])
+    text = f"Is this fine? FAULT:{fault}"
+    r = chat(p, text)
+    assert r.status_code == 503 and "OllamaGuard" in r.text
+    assert not sent_to_chat_model(upstream, text)

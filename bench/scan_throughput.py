@@ -90,15 +90,11 @@ def make_engine(variant: str, model_dir: Path, device: Any, batch_size: int, wai
     from ollama_guard.scanning.policy import GuardScanner, Policy, _build_model
     from ollama_guard.settings import ModelRef, ScannerConfig, load_settings
 
-    onnx = variant in ("engine-onnx", "per-request-onnx")
-    ref = ModelRef(path=str(model_dir), onnx=onnx, batch_size=batch_size, batch_wait_ms=wait_ms)
+    ref = ModelRef(path=str(model_dir), onnx=variant == "engine-onnx", batch_size=batch_size, batch_wait_ms=wait_ms)
     cfg = ScannerConfig(type="PromptInjection", params={"threshold": 0.92}, model=ref)
     stype, _ = registry.lookup("PromptInjection", "input")
-    if variant.startswith("per-request"):
-        # llm-guard's own scanner, one call per request (on ONNX Runtime for per-request-onnx).
-        inst = registry.scanner_class(stype)(
-            model=_build_model(stype, str(model_dir), ref, device), threshold=0.92, use_onnx=onnx
-        )
+    if variant == "per-request":
+        inst = registry.scanner_class(stype)(model=_build_model(stype, str(model_dir), ref, device), threshold=0.92)
     else:
         inst = build_batched(cfg, "PromptInjection", "input", str(model_dir), ref, device)
     gs = GuardScanner(cfg=cfg, direction="input", stype=stype, adapted=False, instance=inst)

@@ -275,8 +275,9 @@ class Settings(_Section):
     scan_workers: int | None = Field(None, ge=1, le=256)
     """Threads that run scans; default max(4, 2 x cores)."""
     scan_inline_max_chars: int = Field(2048, ge=0)
-    """Texts up to this long are scanned by the pure scanners (Secrets, InvisibleText, BanSubstrings, Regex,
-    TokenLimit ...) on the event loop: a hand-off to a pool thread costs more than such a scan. 0: never."""
+    """Texts up to this long are scanned by the bounded pure scanners (Secrets, InvisibleText, BanSubstrings,
+    TokenLimit ...; not Regex) on the event loop: a hand-off to a pool thread costs more than such a scan.
+    0: never."""
 
     input_scanners: list[ScannerConfig] | None = None
     """Ordered prompt scanners; absent: the built-in default policy."""

@@ -151,3 +151,34 @@ def test_a_normal_request_is_answered_while_a_hostile_one_is_still_scanning(star
     assert normal.status_code == 200
     assert not hostile_done.is_set(), "the normal request was answered before the hostile one finished"
     hostile_done.wait(300)
+
+
+def test_short_texts_are_scanned_on_the_event_loop_except_by_site_regexes():
+    """A hand-off to a pool thread costs more than a short scan; a site's own Regex could backtrack for
+    seconds, so it always runs on a pool thread (where the event loop keeps running beside it)."""
+    from ollama_guard.scanning.engine import ScanEngine
+    from ollama_guard.scanning.policy import build_policy
+    from ollama_guard.settings import load_settings
+
+    def threads_used(scanners: list[dict]) -> set[str]:
+        settings = load_settings(overrides={"input_scanners": scanners, "output_scanners": []}, environ={})
+        engine = ScanEngine(build_policy(settings), settings)
+        names: set[str] = set()
+        for s in engine.policy.input:
+            real = s.instance.scan
+
+            def spy(text: str, real=real) -> object:
+                names.add(threading.current_thread().name)
+                return real(text)
+
+            s.instance.scan = spy
+        try:
+            asyncio.run(engine.scan("input", "a short prompt"))
+            asyncio.run(engine.scan("input", "x " * 2_000))
+        finally:
+            engine.close()
+        return names
+
+    inline = threads_used([{"type": "Secrets"}, {"type": "InvisibleText"}])
+    assert inline == {"MainThread", next(n for n in inline if n.startswith("scan"))}
+    assert all(n.startswith("scan") for n in threads_used([{"type": "Regex", "params": {"patterns": ["x+y"]}}]))

@@ -79,10 +79,11 @@ class Verdict:
         return cls(d["t"] if d["s"] else original, d["b"], d["s"], False, results, cached=True)
 
 
-# Pure-Python scanners whose cost is a few microseconds per character (bench/pattern_cost.py): a short text is
-# scanned by them on the event loop, not on a pool thread.
+# Pure-Python scanners whose cost is bounded and a few microseconds per character (bench/pattern_cost.py): a
+# short text is scanned by them on the event loop, not on a pool thread. Not Regex: a site's own expression
+# may backtrack for seconds, and on the event loop nothing else would run meanwhile.
 INLINE_TYPES = frozenset(
-    {"InvisibleText", "Secrets", "BanSubstrings", "Regex", "TokenLimit", "JSON", "ReadingTime", "NoRefusalLight"}
+    {"InvisibleText", "Secrets", "BanSubstrings", "TokenLimit", "JSON", "ReadingTime", "NoRefusalLight"}
 )
 
 

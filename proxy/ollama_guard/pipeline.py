@@ -80,7 +80,8 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes:
         return b"".join(chunks)
 
     try:
-        return await asyncio.wait_for(collect(), timeout)
+        async with asyncio.timeout(timeout):  # no task of its own, unlike wait_for
+            return await collect()
     except TimeoutError:
         raise BadRequest("request body not received in time", 408, "body_timeout") from None
 
@@ -171,7 +172,8 @@ class GuardedRoutes:
         raw = orjson.dumps(req.body)
         headers = forward_headers(request.headers.items(), _DROP_GUARDED)
         headers.append(("Accept-Encoding", "identity"))
-        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        query = request.scope.get("query_string", b"")
+        path = request.scope["path"] + (f"?{query.decode('latin-1')}" if query else "")
         up_started = time.perf_counter()
         watch = DisconnectWatch(request)
         try:
@@ -298,7 +300,10 @@ class GuardedRoutes:
                 return (await engine.scan_many("output", [text], prompt=prompt, vault=vault))[0]
             return await engine.scan_window(side, text, prompt, vault)
 
-        verdicts = list(await asyncio.gather(*(scan(ch, t) for ch, t in targets)))
+        if len(targets) == 1:  # the common case: no task for a gather of one
+            verdicts = [await scan(*targets[0])]
+        else:
+            verdicts = list(await asyncio.gather(*(scan(ch, t) for ch, t in targets)))
         if any(v.blocked for v in verdicts) or not any(v.sanitized for v in verdicts):
             return verdicts, obj
         answer = obj

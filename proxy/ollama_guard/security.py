@@ -7,6 +7,7 @@ client cannot pick its own IP by sending the header.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -26,7 +27,9 @@ def _nets(items: list[str]) -> list[Network]:
     return [ipaddress.ip_network(x, strict=False) for x in items]
 
 
+@functools.lru_cache(maxsize=4096)
 def _addr(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address in `value` (IPv4-mapped IPv6 as IPv4), or None. Cached: the same peers come back."""
     try:
         addr = ipaddress.ip_address(value.strip().strip("[]"))
     except ValueError:

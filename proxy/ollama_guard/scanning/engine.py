@@ -207,7 +207,10 @@ class ScanEngine:
         todo = [i for i, v in enumerate(verdicts) if v is None]
         if todo:
             groups = self._groups[direction]
-            fresh = await asyncio.gather(*(self._scan_one(groups, texts[i], prompt, vault) for i in todo))
+            if len(todo) == 1:  # no task for a gather of one
+                fresh = [await self._scan_one(groups, texts[todo[0]], prompt, vault)]
+            else:
+                fresh = await asyncio.gather(*(self._scan_one(groups, texts[i], prompt, vault) for i in todo))
             to_store = []
             for i, v in zip(todo, fresh, strict=True):
                 verdicts[i] = v
@@ -283,7 +286,7 @@ class ScanEngine:
                     jobs.append(self._awaited(submit, s, text))
                     continue
                 jobs.append(self._pooled([s], s.cfg.timeout, text, _one_model, s, text, prompt, vault))
-            done = first + list(await asyncio.gather(*jobs))
+            done = first + ([await jobs[0]] if len(jobs) == 1 else list(await asyncio.gather(*jobs)))
         return self._combine(text, done)
 
     async def _pooled(

@@ -165,6 +165,7 @@ class ScanEngine:
         self._threads = budget.FairSlots(2 * workers, per_owner=max(1, workers // 4))
         self._groups = {d: self._split(d) for d in ("input", "output")}
         self._inline_chars = settings.scan_inline_max_chars
+        self._order = {s.name: i for i, s in enumerate(policy.all())}  # results are reported in config order
 
     def _split(self, direction: str) -> tuple[list[GuardScanner], list[GuardScanner], list[GuardScanner]]:
         active = self.policy.active(direction)
@@ -383,8 +384,9 @@ class ScanEngine:
         # A sanitizer that errored cannot be trusted to have removed what it looks for.
         if any(r.error and r.action == "sanitize" for r in results):
             blocked = True
-        order = {s.name: i for i, s in enumerate(self.policy.all())}
-        results.sort(key=lambda r: order.get(r.scanner, 0))
+        if len(results) > 1:
+            order = self._order
+            results.sort(key=lambda r: order.get(r.scanner, 0))
         return Verdict(new_text, blocked, sanitized and not blocked, errored, results)
 
 

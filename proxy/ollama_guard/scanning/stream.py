@@ -69,6 +69,7 @@ class StreamGuard:
         self.text = ""
         self.released = 0
         self.p_scanned = 0
+        self._word_at: tuple[int, int] | None = None  # (p_scanned, where its running word starts)
         self.s_scanned = 0
         self.sanitized = False
         self.replacements = 0
@@ -157,6 +158,8 @@ class StreamGuard:
         match is seen whole if what precedes its last word, separators included, is at most `overlap`
         characters: a token-shaped secret however long, with its keyword."""
         end = self.p_scanned
+        if self._word_at is not None and self._word_at[0] == end:
+            return self._word_at[1]  # unchanged since the last scan: every chunk asks, only a scan moves it
         start = end
         if end and not self.text[end - 1].isspace():
             floor = max(0, end - MAX_WORD)
@@ -165,6 +168,7 @@ class StreamGuard:
                 i -= 1
             if i > floor or floor == 0:
                 start = i
+        self._word_at = (end, start)
         return start
 
     async def _scan_pattern(self) -> Verdict | None:
@@ -211,6 +215,7 @@ class StreamGuard:
         return None
 
     def _replace(self, start: int, end: int, new: str) -> None:
+        self._word_at = None
         delta = len(new) - (end - start)
         self.text = self.text[:start] + new + self.text[end:]
         self.sanitized = True

@@ -24,16 +24,16 @@ def pull_models(settings: Settings, force: bool = False, only: list[str] | None 
 
     inputs = settings.input_scanners if settings.input_scanners is not None else default_input_scanners()
     outputs = settings.output_scanners if settings.output_scanners is not None else default_output_scanners()
-    remote = [
-        (d, c)
-        for d, c in [("input", c) for c in inputs] + [("output", c) for c in outputs]
-        if registry.lookup(c.type, d)[0].remote and (not only or c.display_name in only or c.type in only)
-    ]
-    guard_failures = sum(not pull_guard_model(settings, d, c) for d, c in remote)
-    if remote and all(
-        registry.lookup(c.type, d)[0].remote
-        for d, c in [("input", c) for c in inputs] + [("output", c) for c in outputs]
-    ):
+    configs = [("input", c) for c in inputs] + [("output", c) for c in outputs]
+    remote = [registry.lookup(c.type, d)[0].remote for d, c in configs]
+
+    def chosen(cfg: Any) -> bool:
+        return not only or cfg.display_name in only or cfg.type in only
+
+    # Guard models served by Ollama: Ollama pulls them. With nothing else configured, the hub is not needed.
+    pulls = [(d, c) for (d, c), r in zip(configs, remote, strict=True) if r and chosen(c)]
+    guard_failures = sum(not pull_guard_model(settings, d, c) for d, c in pulls)
+    if pulls and all(remote):
         return 1 if guard_failures else 0
     os.environ.pop("HF_HUB_OFFLINE", None)
     os.environ.pop("TRANSFORMERS_OFFLINE", None)
@@ -43,14 +43,13 @@ def pull_models(settings: Settings, force: bool = False, only: list[str] | None 
     except ImportError:
         print("models pull needs huggingface_hub (installed with llm-guard)", file=sys.stderr)
         return 2
-    configs = [("input", c) for c in inputs] + [("output", c) for c in outputs]
     failures = guard_failures
     pulled = 0
     for direction, cfg in configs:
         stype, _ = registry.lookup(cfg.type, direction)
         if stype.remote or (stype.default_model is None and cfg.model is None and cfg.type != "Anonymize"):
             continue
-        if only and cfg.display_name not in only and cfg.type not in only:
+        if not chosen(cfg):
             continue
         local, ref = resolve_model(cfg, stype, settings.model_copy(update={"use_local_models": True}))
         repo = ref.hf_repo

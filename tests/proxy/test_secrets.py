@@ -161,8 +161,9 @@ def test_screen_prefilter_never_skips_a_line_its_expression_matches(scanner):
     from ollama_guard.scanning import secrets
 
     rng = random.Random(11)
-    screen = secrets._screen
-    assert screen is not None and sum(1 for _, needles, _ in screen if needles) > 150
+    assert secrets._screen is not None
+    screen = secrets._screen.entries
+    assert screen and sum(1 for _, needles, _ in screen if needles) > 150
     exercised = 0
     for pattern, needles, _ in screen:
         tree = sre_parse.parse(pattern.pattern, pattern.flags)

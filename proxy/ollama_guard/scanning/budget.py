@@ -21,7 +21,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 BUDGET_ERROR = "scan budget exceeded"
 
@@ -35,11 +35,11 @@ class ScanBudgetExceeded(Exception):
 
 @dataclass(eq=False)
 class RequestBudget:
-    """Scan seconds one request may still use. One per guarded request (prompts, answer, stream)."""
+    """Scan seconds one request may still use. One per guarded request (prompts, answer, stream); compared by
+    identity, so it is also the request's FairSlots owner."""
 
     seconds: float
     used: float = 0.0
-    owner: object = field(default_factory=object)  # the FairSlots queue key
 
     def remaining(self) -> float:
         return self.seconds - self.used
@@ -75,9 +75,9 @@ class FairSlots:
     FIFO would let one request that queued 50 jobs make every later request wait for all 50; and without the
     per-owner cap, one request with as many long texts as there are threads would hold them all."""
 
-    def __init__(self, capacity: int, per_owner: int | None = None) -> None:
+    def __init__(self, capacity: int, per_owner: int) -> None:
         self.capacity = capacity
-        self.per_owner = per_owner or max(1, capacity // 2)  # the engine passes a quarter
+        self.per_owner = per_owner
         self.used = 0
         self._held: dict[object, int] = {}
         self._waiting: OrderedDict[object, deque[asyncio.Future[None]]] = OrderedDict()

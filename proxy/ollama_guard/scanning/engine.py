@@ -9,6 +9,7 @@ output of the last. Verdicts are cached per text under the policy's fingerprint.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
@@ -279,12 +280,12 @@ class ScanEngine:
                 first = []
             for s in run_models:
                 if s.stype.remote:
-                    jobs.append(self._asked(s, text, prompt))
+                    jobs.append(self._awaited(s, text, functools.partial(s.instance.ask, text, prompt)))
                     continue
                 submit = _submitter(s)
                 if submit is not None:
                     # Batched model: await its future; no thread is held while the batch forms and runs.
-                    jobs.append(self._awaited(submit, s, text))
+                    jobs.append(self._awaited(s, text, lambda submit=submit: asyncio.wrap_future(submit(text))))
                     continue
                 jobs.append(self._pooled([s], s.cfg.timeout, text, _one_model, s, text, prompt, vault))
             done = first + ([await jobs[0]] if len(jobs) == 1 else list(await asyncio.gather(*jobs)))
@@ -293,65 +294,46 @@ class ScanEngine:
     async def _pooled(
         self, scanners: list[GuardScanner], timeout: float, text: str, fn: Any, *args: Any
     ) -> tuple[str, list[ScanResult]]:
-        """`fn(*args)` on a pool thread, when this request's turn comes (FairSlots), within the request's scan
-        budget (budget.current_budget): its remaining seconds are the job's deadline, and its run time is
-        charged to it. A request with no budget left gets the budget error without running."""
+        """`fn(*args, deadline=...)` within the request's scan budget (budget.current_budget): its remaining
+        seconds are the deadline, its run time is charged to it, and a request with no budget left gets the
+        budget error without running. A short text for pure scanners is scanned right here, on the event loop
+        (a hand-off to a pool thread and back costs more than a 300-character Secrets scan of ~20-50 us);
+        anything else runs on a pool thread when this request's turn comes (FairSlots)."""
         req_budget = budget.current_budget.get()
-        if (
+        inline = (
             fn is _run_sequential
             and len(text) <= self._inline_chars
             and all(s.cfg.type in INLINE_TYPES for s in scanners)
-        ):
-            # A short text and pure scanners: scanned here, on the event loop. Handing it to a pool thread and
-            # back costs more than the scan (~20-100 us against a 300-character Secrets scan of ~50 us).
+        )
+        # Outside a request (no budget), each job is its own FairSlots owner.
+        turn = contextlib.nullcontext() if inline else self._threads.slot(req_budget or object())
+        async with turn:
             if req_budget is not None and req_budget.remaining() <= 0:
                 return text, [ScanResult(s.name, False, 1.0, 0.0, s.action, budget.BUDGET_ERROR) for s in scanners]
             started = time.monotonic()
-            run: Any = fn
+            deadline = started + req_budget.remaining() if req_budget is not None else None
             try:
-                return run(*args, deadline=started + req_budget.remaining() if req_budget is not None else None)
-            finally:
-                if req_budget is not None:
-                    req_budget.used += time.monotonic() - started
-        owner = req_budget.owner if req_budget is not None else object()  # outside a request: its own turn
-        async with self._threads.slot(owner):
-            deadline = None
-            if req_budget is not None:
-                if req_budget.remaining() <= 0:
-                    return text, [ScanResult(s.name, False, 1.0, 0.0, s.action, budget.BUDGET_ERROR) for s in scanners]
-                deadline = time.monotonic() + req_budget.remaining()
-                timeout = min(timeout, req_budget.remaining() + 1.0)
-            started = time.monotonic()
-            loop = asyncio.get_running_loop()
-            call = functools.partial(fn, *args, **({"deadline": deadline} if fn is _run_sequential else {}))
-            try:
+                if inline:
+                    return fn(*args, deadline=deadline)  # type: ignore[no-any-return]
+                if deadline is not None:
+                    timeout = min(timeout, deadline - started + 1.0)
+                call = functools.partial(fn, *args, deadline=deadline)
+                loop = asyncio.get_running_loop()
                 return await self._bounded(loop.run_in_executor(self.executor, call), timeout, scanners, text)
             finally:
                 if req_budget is not None:
                     req_budget.used += time.monotonic() - started
 
-    async def _asked(self, s: GuardScanner, text: str, prompt: str) -> tuple[str, list[ScanResult]]:
-        """A guard model served by Ollama (scanning/guard_models.py): awaited on the event loop, no thread."""
+    async def _awaited(self, s: GuardScanner, text: str, start: Any) -> tuple[str, list[ScanResult]]:
+        """A model scan that holds no thread while it waits: a batched model's future, or a guard model's call
+        to Ollama (scanning/guard_models.py). `start()` begins it and returns what to await."""
         started = time.perf_counter()
         error = None
         try:
-            _, valid, score = await asyncio.wait_for(s.instance.ask(text, prompt), s.cfg.timeout)
+            _, valid, score = await asyncio.wait_for(start(), s.cfg.timeout)
         except TimeoutError:
             valid, score, error = False, 1.0, "timeout"
-        except Exception as exc:  # an unreadable answer, Ollama down: block/allow by block_on_guard_error
-            valid, score, error = False, 1.0, f"{type(exc).__name__}: {exc}"
-            log.warning("scanner %s raised %s", s.name, type(exc).__name__)
-        ms = (time.perf_counter() - started) * 1000.0
-        return text, [ScanResult(s.name, bool(valid), float(score), ms, s.action, error)]
-
-    async def _awaited(self, submit: Any, s: GuardScanner, text: str) -> tuple[str, list[ScanResult]]:
-        started = time.perf_counter()
-        error = None
-        try:
-            _, valid, score = await asyncio.wait_for(asyncio.wrap_future(submit(text)), s.cfg.timeout)
-        except TimeoutError:
-            valid, score, error = False, 1.0, "timeout"
-        except Exception as exc:  # reported per scanner; block/allow by config
+        except Exception as exc:  # reported per scanner (an unreadable answer, Ollama down); block/allow by config
             valid, score, error = False, 1.0, f"{type(exc).__name__}: {exc}"
             log.warning("scanner %s raised %s", s.name, type(exc).__name__)
         ms = (time.perf_counter() - started) * 1000.0
@@ -400,6 +382,10 @@ def _submitter(scanner: GuardScanner) -> Any:
     return getattr(inst, "submit", None)
 
 
-def _one_model(scanner: GuardScanner, text: str, prompt: str, vault: Any) -> tuple[str, list[ScanResult]]:
+def _one_model(
+    scanner: GuardScanner, text: str, prompt: str, vault: Any, deadline: float | None = None
+) -> tuple[str, list[ScanResult]]:
+    """A model scanner that is not batched, on a pool thread (`deadline` is the budget's; models do not check
+    it, the job's timeout bounds them)."""
     out, res = _timed_call(scanner, text, prompt, vault)
     return text, [res]

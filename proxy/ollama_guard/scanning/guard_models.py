@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Any
 
 import aiohttp
 import orjson
@@ -158,6 +157,3 @@ class OllamaGuard:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-    def __getstate__(self) -> dict[str, Any]:  # never copy a live session
-        return {**self.__dict__, "_session": None, "_slots": None, "_loop": None}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import unicodedata
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
@@ -97,6 +98,23 @@ class View:
         if end <= start:
             return o_start, o_start
         return o_start, starts[end - 1] + 1
+
+    def rewrite(self, spans: Iterable[tuple[int, int]], replace: Callable[[str], str]) -> str:
+        """`original` with the original characters behind the view spans (overlapping ones merged) each
+        replaced by `replace(those characters)`: how a match found in the view is redacted."""
+        merged: list[list[int]] = []
+        for start, end in sorted(self.span(s, e) for s, e in spans):
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        out, last = [], 0
+        for start, end in merged:
+            out.append(self.original[last:start])
+            out.append(replace(self.original[start:end]))
+            last = end
+        out.append(self.original[last:])
+        return "".join(out)
 
 
 @lru_cache(maxsize=16)

@@ -16,7 +16,6 @@ it blocks, or with `redact` rewrites exactly the original characters the match c
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 
 from llm_guard.input_scanners.ban_substrings import BanSubstrings as _BanSubstrings
 from llm_guard.input_scanners.ban_substrings import MatchType as _SubstringMatch
@@ -25,23 +24,6 @@ from llm_guard.input_scanners.regex import Regex as _Regex
 from . import normalize
 
 REDACTED = "[REDACTED]"
-
-
-def _rewrite(v: normalize.View, spans: Iterable[tuple[int, int]]) -> str:
-    """`v.original` with the original characters behind each view span replaced by REDACTED (merged)."""
-    merged: list[list[int]] = []
-    for start, end in sorted(v.span(s, e) for s, e in spans):
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
-    out, last = [], 0
-    for start, end in merged:
-        out.append(v.original[last:start])
-        out.append(REDACTED)
-        last = end
-    out.append(v.original[last:])
-    return "".join(out)
 
 
 class BanSubstrings(_BanSubstrings):
@@ -67,7 +49,7 @@ class BanSubstrings(_BanSubstrings):
         elif not any(found):
             return out, valid, score
         if self._redact:
-            return _rewrite(v, (m.span() for ms in found for m in ms)), False, 1.0
+            return v.rewrite((m.span() for ms in found for m in ms), lambda _: REDACTED), False, 1.0
         return prompt, False, 1.0
 
 
@@ -83,23 +65,5 @@ class Regex(_Regex):
         if not matches:
             return out, valid, score
         if self._redact:
-            return _rewrite(v, (m.span() for m in matches)), False, 1.0
+            return v.rewrite((m.span() for m in matches), lambda _: REDACTED), False, 1.0
         return prompt, False, 1.0
-
-
-class OutputBanSubstrings:
-    """The output-side scanner: llm-guard's signature `scan(prompt, output)`, our matching."""
-
-    def __init__(self, substrings: list[str], **kwargs: object) -> None:
-        self._scanner = BanSubstrings(substrings, **kwargs)
-
-    def scan(self, prompt: str, output: str) -> tuple[str, bool, float]:
-        return self._scanner.scan(output)
-
-
-class OutputRegex:
-    def __init__(self, patterns: list[str], **kwargs: object) -> None:
-        self._scanner = Regex(patterns, **kwargs)  # type: ignore[arg-type]
-
-    def scan(self, prompt: str, output: str) -> tuple[str, bool, float]:
-        return self._scanner.scan(output)

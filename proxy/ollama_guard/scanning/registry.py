@@ -77,7 +77,6 @@ OUTPUT_TYPES: dict[str, ScannerType] = {
     "BanCompetitors": ScannerType(
         f"{_OUT}.ban_competitors", "BanCompetitors", _model(f"{_IN}.ban_competitors", "MODEL_V1")
     ),
-    "BanSubstrings": ScannerType("ollama_guard.scanning.patterns", "OutputBanSubstrings", stream="pattern"),
     "BanTopics": ScannerType(f"{_OUT}.ban_topics", "BanTopics", _model(f"{_IN}.ban_topics", "MODEL_DEBERTA_BASE_V2")),
     "Bias": ScannerType(f"{_OUT}.bias", "Bias", _model(f"{_OUT}.bias")),
     "Code": ScannerType(f"{_OUT}.code", "Code", _model(f"{_IN}.code")),
@@ -105,7 +104,6 @@ OUTPUT_TYPES: dict[str, ScannerType] = {
     "NoRefusal": ScannerType(f"{_OUT}.no_refusal", "NoRefusal", _model(f"{_OUT}.no_refusal"), answer_only=True),
     "NoRefusalLight": ScannerType(f"{_OUT}.no_refusal", "NoRefusalLight", stream="pattern", answer_only=True),
     "ReadingTime": ScannerType(f"{_OUT}.reading_time", "ReadingTime", stream="final", answer_only=True),
-    "Regex": ScannerType("ollama_guard.scanning.patterns", "OutputRegex", stream="pattern"),
     "OllamaGuard": ScannerType("ollama_guard.scanning.guard_models", "OllamaGuard", remote=True),
     "Relevance": ScannerType(
         f"{_OUT}.relevance",
@@ -119,8 +117,9 @@ OUTPUT_TYPES: dict[str, ScannerType] = {
     "Toxicity": ScannerType(f"{_OUT}.toxicity", "Toxicity", _model(f"{_IN}.toxicity")),
 }
 
-# Input scanner types that also make sense on answers (a leaked secret, hidden characters).
-INPUT_TYPES_ON_OUTPUT = {"Secrets", "InvisibleText", "PromptInjection"}
+# Input scanner types that also make sense on answers (a leaked secret, hidden characters, a banned word or
+# pattern: ours for BanSubstrings and Regex, which also match the normalised text).
+INPUT_TYPES_ON_OUTPUT = {"Secrets", "InvisibleText", "PromptInjection", "BanSubstrings", "Regex"}
 
 
 def lookup(type_name: str, direction: str) -> tuple[ScannerType, bool]:
@@ -154,7 +153,8 @@ def _install_package_stubs() -> None:
 
 
 def import_module(name: str) -> ModuleType:
-    if name.startswith(("llm_guard", "ollama_guard.scanning.secrets", "ollama_guard.scanning.patterns")):
+    # llm-guard's modules, and ours that import them (scanning.secrets, scanning.patterns ...).
+    if name.startswith(("llm_guard", "ollama_guard.scanning.")):
         _install_package_stubs()
     return importlib.import_module(name)
 

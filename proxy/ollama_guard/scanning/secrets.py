@@ -18,11 +18,18 @@ of those expressions found (the rest is filtering), so a text none of them match
 skips the full scan. Lines longer than detect-secrets' `MAX_LINE_LENGTH` (which it skips silently) are cut into
 overlapping pieces, so padding a line cannot hide a secret.
 
-Running ~170 regular expressions over every line still costs ~1.2 µs per character. Almost all of them need
+Running ~190 regular expressions over every line still costs ~1.2 µs per character. Almost all of them need
 some literal text to match (a keyword, a prefix such as `AKIA`), so each carries the literals one of which
 any match must contain (read off the expression's parse tree), and runs only on lines that contain one. The
 comparison is made on text folded the way `re.IGNORECASE` folds it, so a case-insensitive expression is
-never skipped for a line it would match: 612 µs -> 90 µs on 512 characters of prose.
+never skipped for a line it would match: 612 µs -> 90 µs on 512 characters of prose; the literals are found
+in one Aho-Corasick pass over the text (`Screen`), 90 -> 21 µs.
+
+A line some expression matches is then examined by the plugins of those expressions only, through
+detect-secrets' own line scan and filters (`scan_lines`): the cost is linear in the text and checks the
+request's scan budget (scanning/budget.py) line by line. Our own plugin adds self-identifying tokens written
+in prose (scanning/token_rules.py); PEM private keys are redacted whole; and a text is also scanned in its
+normalised form (scanning/normalize.py), a secret found only there being redacted in the original.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import re
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from re import _casefix  # type: ignore[attr-defined]
 from re import _constants as sre  # type: ignore[attr-defined]
 from re import _parser as sre_parse  # type: ignore[attr-defined]
@@ -69,11 +77,7 @@ BYPASS_FILTERS = (
 
 _settings_lock = threading.Lock()
 _settings_key: str | None = None
-# Each screen expression with the literals one of which its every match contains (folded), or None.
-_screen: list[tuple[re.Pattern[str], tuple[str, ...] | None, BasePlugin]] | None = None  # None: all plugins
-_automaton: ahocorasick.Automaton | None = None  # finds every literal of the screen in one pass
-_always: list[int] = []  # screen entries with no literal: tried on every text
-_by_needle: dict[str, list[int]] = {}  # literal -> the screen entries that need it
+_screen: Screen | None = None  # None: every line gets every plugin
 PIECE = min(MAX_LINE_LENGTH // 2, 20_000)
 FILENAME = "<text>"  # the name findings carry; no file is read
 # A long scan gives up the GIL every this many examined lines (~1-2 ms of work), so the event loop and other
@@ -150,19 +154,54 @@ def _required(items: sre_parse.SubPattern | list) -> set[str] | None:
     return best
 
 
-def _build_screen() -> list[tuple[re.Pattern[str], tuple[str, ...] | None, BasePlugin]] | None:
-    """Each plugin's expressions, with their required literals and the plugin; None if a plugin in use is
-    not expression-based (then every line gets every plugin)."""
-    screen: list[tuple[re.Pattern[str], tuple[str, ...] | None, BasePlugin]] = []
-    for plugin in get_plugins():
-        if isinstance(plugin, HighEntropyStringsPlugin):
-            patterns = [plugin.regex]
-        elif isinstance(plugin, RegexBasedDetector):
-            patterns = list(plugin.denylist)
-        else:
-            return None
-        screen.extend((p, required_literals(p), plugin) for p in patterns)
-    return screen
+# A screen entry: an expression, the literals one of which its every match contains (folded) or None, and the
+# plugin it belongs to.
+Entry = tuple[re.Pattern[str], tuple[str, ...] | None, BasePlugin]
+
+
+@dataclass(frozen=True)
+class Screen:
+    """The plugins' expressions, and the index that picks, for a text, those whose literals occur in it."""
+
+    entries: list[Entry]
+    automaton: ahocorasick.Automaton | None  # every literal of the entries, found in one pass
+    always: list[int]  # entries with no literal: tried on every text
+    by_literal: dict[str, list[int]]  # literal -> the entries that need it
+
+    @classmethod
+    def build(cls) -> Screen | None:
+        """From the plugins in use; None if one of them is not expression-based."""
+        entries: list[Entry] = []
+        for plugin in get_plugins():
+            if isinstance(plugin, HighEntropyStringsPlugin):
+                patterns = [plugin.regex]
+            elif isinstance(plugin, RegexBasedDetector):
+                patterns = list(plugin.denylist)
+            else:
+                return None
+            entries.extend((p, required_literals(p), plugin) for p in patterns)
+        by_literal: dict[str, list[int]] = {}
+        for i, (_, literals, _) in enumerate(entries):
+            for lit in literals or ():
+                by_literal.setdefault(lit, []).append(i)
+        automaton = None
+        if by_literal:
+            automaton = ahocorasick.Automaton()
+            for lit in by_literal:
+                automaton.add_word(lit, lit)
+            automaton.make_automaton()
+        always = [i for i, (_, literals, _) in enumerate(entries) if literals is None]
+        return cls(entries, automaton, always, by_literal)
+
+    def entries_for(self, text: str) -> list[Entry]:
+        """The entries that can match somewhere in `text`: every literal occurring in it is found in one
+        Aho-Corasick pass (pyahocorasick, C), so a line is then tried against a few expressions, not ~190
+        (~190 substring searches per text were the largest cost of a streamed answer's windows)."""
+        chosen = set(self.always)
+        if self.automaton is not None:
+            for _, literal in self.automaton.iter(fold(text)):
+                chosen.update(self.by_literal[literal])
+        return [self.entries[i] for i in sorted(chosen)]
 
 
 def _lines(text: str) -> list[str]:
@@ -178,33 +217,11 @@ def _lines(text: str) -> list[str]:
     return out
 
 
-def _build_automaton(needles: set[str]) -> ahocorasick.Automaton | None:
-    if not needles:
-        return None
-    automaton = ahocorasick.Automaton()
-    for n in needles:
-        automaton.add_word(n, n)
-    automaton.make_automaton()
-    return automaton
+def _screen_for(text: str) -> list[Entry] | None:
+    return _screen.entries_for(text) if _screen is not None else None
 
 
-def _screen_for(text: str) -> list[tuple[re.Pattern[str], tuple[str, ...] | None, BasePlugin]] | None:
-    """The screen entries that can match somewhere in `text`: those whose literals occur in it (one substring
-    search per literal over the whole text, so a line is then tried against a few expressions, not ~180)."""
-    if _screen is None:
-        return None
-    # Every literal occurring in the text, in one Aho-Corasick pass (pyahocorasick, C): ~190 substring
-    # searches per text were the largest cost of a streamed answer's windows.
-    chosen = set(_always)
-    if _automaton is not None:
-        for _, needle in _automaton.iter(fold(text)):
-            chosen.update(_by_needle[needle])
-    return [_screen[i] for i in sorted(chosen)]
-
-
-def _plugins_for(
-    line: str, screen: list[tuple[re.Pattern[str], tuple[str, ...] | None, BasePlugin]] | None
-) -> list[BasePlugin]:
+def _plugins_for(line: str, screen: list[Entry] | None) -> list[BasePlugin]:
     """The plugins one of whose expressions matches this (stripped) line: the only ones that can report."""
     if screen is None:
         return list(get_plugins())
@@ -285,7 +302,7 @@ def scan_file_reference(text: str) -> list[tuple[str, str]]:
 
 
 def _use_settings(config: dict) -> None:
-    global _settings_key, _screen, _automaton, _always, _by_needle
+    global _settings_key, _screen
     key = json.dumps(config, sort_keys=True)
     if _settings_key == key:
         return
@@ -295,13 +312,7 @@ def _use_settings(config: dict) -> None:
             configure_settings_from_baseline(config)
             get_settings().disable_filters(*BYPASS_FILTERS)
             get_filters.cache_clear()
-            _screen = _build_screen()
-            _automaton = _build_automaton({n for _, needles, _ in _screen or () for n in needles or ()})
-            _always = [i for i, (_, needles, _) in enumerate(_screen or ()) if needles is None]
-            _by_needle = {}
-            for i, (_, needles, _) in enumerate(_screen or ()):
-                for n in needles or ():
-                    _by_needle.setdefault(n, []).append(i)
+            _screen = Screen.build()
             _settings_key = key
 
 
@@ -362,20 +373,8 @@ class Secrets(_LLMGuardSecrets):
         # Found only once normalised: rewrite the original characters each occurrence came from. Only the
         # lines the view changed can hold such a secret.
         changed = "\n".join(vl for ol, vl in zip(text.split("\n"), v.text.split("\n"), strict=True) if ol != vl)
-        spans = sorted(
-            v.span(m.start(), m.end())
-            for value in self._secret_values(changed)
-            for m in re.finditer(re.escape(value), v.text)
-        )
-        out, last = [], 0
-        for start, end in spans:
-            if start < last:
-                continue
-            out.append(text[last:start])
-            out.append(self.redact_value(text[start:end], self._redact_mode))
-            last = end
-        out.append(text[last:])
-        return "".join(out)
+        spans = [m.span() for value in self._secret_values(changed) for m in re.finditer(re.escape(value), v.text)]
+        return v.rewrite(spans, lambda found: self.redact_value(found, self._redact_mode))
 
     def _secret_values(self, text: str) -> list[str]:
         values = {value for kind, value in scan_lines(text) if not is_benign_value(kind, value)}

@@ -25,6 +25,7 @@ Guarantees and limits are documented in docs/STREAMING.md.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -208,7 +209,7 @@ class StreamGuard:
             return verdict
         if verdict.sanitized:
             window = self.text[start:end]
-            if not sanitize_ok or start + _common_prefix(window, verdict.text) < self.released:
+            if not sanitize_ok or start + len(os.path.commonprefix((window, verdict.text))) < self.released:
                 verdict.blocked = True  # released text cannot be unsent: stop rather than let it stand
                 return verdict
             self._replace(start, end, verdict.text)
@@ -226,21 +227,6 @@ class StreamGuard:
             self.s_scanned += delta
         elif self.s_scanned > start:
             self.s_scanned = start + len(new)
-
-
-def _common_prefix(a: str, b: str) -> int:
-    """Length of the longest common prefix of two strings."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
 
 
 def side_scanners(engine: ScanEngine) -> list[GuardScanner]:

@@ -44,7 +44,7 @@ def pull_models(settings: Settings, force: bool = False, only: list[str] | None 
         print("models pull needs huggingface_hub (installed with llm-guard)", file=sys.stderr)
         return 2
     failures = guard_failures
-    pulled = 0
+    pulled = len(pulls) - guard_failures  # the guard models Ollama pulled count too
     for direction, cfg in configs:
         stype, _ = registry.lookup(cfg.type, direction)
         if stype.remote or (stype.default_model is None and cfg.model is None and cfg.type != "Anonymize"):

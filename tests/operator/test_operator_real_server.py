@@ -143,6 +143,7 @@ async def operator_process(
         **env,
     }
     environ.pop("KUBERNETES_SERVICE_HOST", None)
+    log = (tmp_path / "operator.log").open("wb")  # its output, for a failing test's message
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -150,8 +151,8 @@ async def operator_process(
         f"--liveness={healthz}",
         *args,
         env=environ,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
+        stdout=log,
+        stderr=asyncio.subprocess.STDOUT,
     )
     try:
         yield healthz, proc
@@ -164,6 +165,7 @@ async def operator_process(
         except TimeoutError:
             proc.kill()
             await proc.wait()
+        log.close()
 
 
 async def _healthz(url: str) -> int | None:
@@ -230,15 +232,21 @@ async def test_healthz_fails_while_the_api_server_refuses_the_operator(
         }  # our token is no longer accepted: every call is 401
 
         async def failing() -> bool:
-            # Either answer restarts the pod: /healthz failing, or the process ending (kopf exits once a
-            # re-login is refused too; which comes first depends on timing, and the kubelet's probe then
-            # finds the port closed). What must not happen is a live process still answering 200.
+            # What the kubelet counts as a failed liveness probe: an answer other than 2xx/3xx, a refused
+            # connection or no answer in time. kopf also exits once a re-login is refused; which comes
+            # first depends on timing, and an exit restarts the container too, but not a clean exit 0.
+            # What must not happen is a live process still answering 200.
             if proc.returncode is not None:
-                return proc.returncode != 0
-            return await _healthz(healthz) not in (200, None)
+                assert proc.returncode != 0, "the operator ended with 0 while its credentials are refused"
+                return True
+            return await _healthz(healthz) != 200
 
         # kopf caches probe results for 10 s: the deadline covers that.
-        await eventually_async(failing, "healthz fails while the API refuses us", 40)
+        try:
+            await eventually_async(failing, "healthz fails while the API refuses us", 40)
+        except AssertionError as e:
+            tail = (tmp_path / "operator.log").read_text(errors="replace")[-3000:]
+            raise AssertionError(f"{e}; the operator's output ends:\n{tail}") from None
 
 
 # -- settled: zero writes, zero Events ------------------------------------------------------------------------

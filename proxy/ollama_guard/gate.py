@@ -117,8 +117,9 @@ class Gate:
             st.metrics.in_flight.dec()
             elapsed = time.perf_counter() - started
             if st.settings.metrics_enabled:
-                st.metrics.requests.labels(label, dialect, str(outcome["status"]), outcome["decision"]).inc()
-                st.metrics.request_seconds.labels(label, dialect).observe(elapsed)
+                m = st.metrics
+                m.child(m.requests, label, dialect, str(outcome["status"]), outcome["decision"]).inc()
+                m.child(m.request_seconds, label, dialect).observe(elapsed)
             if label not in PROBES:
                 st.stats.request(int(outcome["status"]), str(outcome["decision"]), elapsed * 1000.0)
             request_id.reset(token)

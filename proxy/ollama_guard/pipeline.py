@@ -180,7 +180,7 @@ class GuardedRoutes:
             resp = await watch.run(st.upstream.open("POST", path, headers, raw))
         except ClientGone:
             return self._client_gone(request, req, fired, in_verdicts, started)
-        st.metrics.upstream_seconds.labels(route.path).observe(time.perf_counter() - up_started)
+        st.metrics.child(st.metrics.upstream_seconds, route.path).observe(time.perf_counter() - up_started)
         out_on = (
             s.enable_output_guard
             and st.engine.has_scanners("output")

@@ -232,15 +232,18 @@ class GuardedStream:
             seg.sent = upto
         return out
 
-    async def _feed(self, raw: bytes, text: str) -> list[bytes]:
-        """One chunk into the current segment: its text (or none, for a marker). Sets violation on a stop."""
+    async def _feed(self, raw: bytes, text: str, scan: bool = True) -> list[bytes]:
+        """One chunk into the current segment: its text (or none, for a marker). Sets violation on a stop.
+        `scan` False: the text is queued unscanned, for a later chunk of the same network read to scan."""
         seg = self.seg
         if not text:
             seg.pending.append(_Marker(raw, len(seg.guard.text) if seg.rewrite else seg.offset))
         elif not seg.rewrite:
             seg.offset += len(text)
             seg.pending.append(_Entry(raw, seg.offset))
-        step = await seg.guard.feed(text)
+        step = await seg.guard.feed(text, scan)
+        if not scan:
+            return []
         if step.violation is not None:
             self.violation = step.violation
             return []
@@ -314,11 +317,12 @@ class GuardedStream:
             return "Ollama reported an error; its text was withheld by the guard"
         return f"Ollama reported an error: {verdict.text if verdict.sanitized else text}"
 
-    async def _event(self, raw: bytes, obj: Any) -> list[bytes]:
-        """What one upstream event releases: only text that passed, even when a violation stops the stream."""
+    async def _event(self, raw: bytes, obj: Any, scan: bool = True) -> list[bytes]:
+        """What one upstream event releases: only text that passed, even when a violation stops the stream.
+        `scan` False for all but the last event of a network read: their text is scanned with the last's."""
         if obj is DONE:
             self.ended = True
-            return await self._feed(raw, "")
+            return await self._feed(raw, "", scan)
         if not isinstance(obj, dict):
             self.broken = "Ollama sent a stream event the guard cannot read"
             return []
@@ -337,9 +341,9 @@ class GuardedStream:
             elif kind:
                 out += await self._switch(kind)
                 if self.violation is None:
-                    out += await self._feed(part_raw, text)
+                    out += await self._feed(part_raw, text, scan)
             else:
-                out += await self._feed(part_raw, "")
+                out += await self._feed(part_raw, "", scan)
             if self.violation is not None:
                 break
         return out
@@ -349,8 +353,10 @@ class GuardedStream:
         try:
             async for events in iter_event_batches(self.resp, self.route):
                 out: list[bytes] = []
-                for raw, obj in events:
-                    out.extend(await self._event(raw, obj))
+                # What arrived together goes out together: its text is scanned once, at its last event.
+                last = len(events) - 1
+                for i, (raw, obj) in enumerate(events):
+                    out.extend(await self._event(raw, obj, i == last))
                     if self.violation is not None or self.broken is not None:
                         break
                 if out:

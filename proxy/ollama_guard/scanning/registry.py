@@ -68,7 +68,8 @@ INPUT_TYPES: dict[str, ScannerType] = {
     # Our subclass: llm-guard's own redaction leaves secrets behind when a text holds several.
     "Secrets": ScannerType("ollama_guard.scanning.secrets", "Secrets", stream="pattern", hold=0),
     "Sentiment": ScannerType(f"{_IN}.sentiment", "Sentiment", stream="final"),
-    "TokenLimit": ScannerType(f"{_IN}.token_limit", "TokenLimit", stream="final"),
+    # Ours: llm-guard's, not tokenizing a text with fewer bytes than the limit (it cannot reach it).
+    "TokenLimit": ScannerType("ollama_guard.scanning.token_limit", "TokenLimit", stream="final"),
     "Toxicity": ScannerType(f"{_IN}.toxicity", "Toxicity", _model(f"{_IN}.toxicity")),
 }
 

@@ -63,27 +63,48 @@ _DROP_GUARDED = frozenset({"accept-encoding", "authorization", "x-api-key", "coo
 
 
 async def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The whole request body. Raises BadRequest: 400 for a malformed Content-Length, 413 past `limit` bytes
+    (declared or received), 408 when it has not all arrived within `timeout` seconds; ClientDisconnect when
+    the client leaves while sending it."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise BadRequest("invalid Content-Length")
         if int(declared) > limit:
             raise BadRequest(f"request body larger than {limit} bytes", 413, "body_too_large")
+    # The server's `receive` read directly, under one timer: starlette's body stream and asyncio.timeout
+    # were ~5 % of a cache hit's CPU, for a body that has nearly always arrived with the headers.
+    receive = request.receive
+    task = asyncio.current_task()
+    assert task is not None
+    expired = False
 
-    async def collect() -> bytes:
-        chunks, size = [], 0
-        async for chunk in request.stream():
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(timeout, expire)
+    chunks, size = [], 0
+    try:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect
+            chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
                 raise BadRequest(f"request body larger than {limit} bytes", 413, "body_too_large")
             chunks.append(chunk)
-        return b"".join(chunks)
-
-    try:
-        async with asyncio.timeout(timeout):  # no task of its own, unlike wait_for
-            return await collect()
-    except TimeoutError:
-        raise BadRequest("request body not received in time", 408, "body_timeout") from None
+            if not message.get("more_body", False):
+                break
+    except asyncio.CancelledError:
+        if expired and task.uncancel() == 0:  # our own cancel, consumed here
+            raise BadRequest("request body not received in time", 408, "body_timeout") from None
+        raise
+    finally:
+        timer.cancel()
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _guard_headers(decision: str, fired: list[str], *groups: tuple[str, Sequence[Verdict]]) -> list[tuple[str, str]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from llm_guard.input_scanners.token_limit import TokenLimit as LlmGuardTokenLimit
-
 from ollama_guard.scanning.token_limit import TokenLimit
 
 TEXTS = [

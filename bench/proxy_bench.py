@@ -179,7 +179,7 @@ def cpu_seconds(pid: int) -> float:
     return float(t.user + t.system)
 
 
-def stream_cpu(url: str, pid: int, chars: int = 16_000, repeat: int = 5) -> float:
+def stream_cpu(url: str, pid: int, chars: int = 16_000, repeat: int = 20) -> float:
     """CPU milliseconds the process `pid` spends per 1,000 streamed characters (4-character chunks)."""
     unit = "lorem ipsum dolor sit amet, consectetur. "
     body = {"model": "llama3.2", "messages": [{"role": "user", "content": f"REPEAT {chars // len(unit)}: {unit}"}]}

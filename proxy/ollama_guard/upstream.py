@@ -73,11 +73,14 @@ class Upstream:
             limit=self._pool_size, limit_per_host=self._pool_size, keepalive_timeout=30, ttl_dns_cache=60
         )
         # Bodies are relayed as Ollama sent them; guarded routes ask for identity encoding.
+        # No cookie jar: the session is shared by every client, so a cookie Ollama (or a gateway in front of
+        # it) set on one answer would otherwise go out with everybody's later requests.
         self.session = aiohttp.ClientSession(
             connector=connector,
             timeout=self._timeout,
             auto_decompress=False,
             skip_auto_headers=("User-Agent",),
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def close(self) -> None:

@@ -282,3 +282,18 @@ def test_a_client_that_gives_up_waiting_for_ollama_is_audited_as_499(proxy, audi
         httpx.post(proxy.url + "/api/chat", json=ROUTES["/api/chat"]("FAULT:no-answer", False), timeout=0.3)
     record = wait_for(lambda: [a for a in audit.audit if a.get("status") == 499], 10, "a 499 record")
     assert record[0]["decision"] == "client_closed" and record[0]["route"] == "/api/chat"
+
+
+def test_a_cookie_ollama_sets_for_one_client_never_goes_out_with_another_clients_request(start_proxy, upstream) -> None:
+    # By host name, not address: aiohttp's default cookie jar ignores cookies from IP addresses, and the
+    # Service name a cluster uses is a host name.
+    proxy = start_proxy(ollama_url=upstream.url.replace("127.0.0.1", "localhost"), **pure())
+    body = ROUTES["/api/chat"]
+    first = httpx.post(proxy.url + "/api/chat", json=body("FAULT:set-cookie hello", False), timeout=30)
+    assert first.status_code == 200
+    before = len(upstream.requests)
+    second = httpx.post(proxy.url + "/api/chat", json=body("a second client asks", False), timeout=30)
+    assert second.status_code == 200
+    sent = [r for r in upstream.requests[before:] if "a second client asks" in str(r["body"])]
+    assert sent, "the second request reached Ollama"
+    assert "Cookie" not in sent[0]["headers"] and "cookie" not in {k.lower() for k in sent[0]["headers"]}

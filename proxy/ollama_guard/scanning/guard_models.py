@@ -99,7 +99,10 @@ class OllamaGuard:
     def _bound(self) -> tuple[aiohttp.ClientSession, asyncio.Semaphore]:
         loop = asyncio.get_running_loop()
         if self._session is None or self._loop is not loop or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+            # No cookie jar: one session asks for every request (see upstream.Upstream.start).
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout), cookie_jar=aiohttp.DummyCookieJar()
+            )
             self._slots = asyncio.Semaphore(self.max_concurrent)
             self._loop = loop
         assert self._slots is not None

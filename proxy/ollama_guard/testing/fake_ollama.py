@@ -118,6 +118,7 @@ FAULTS = {
     "garbage": "HTTP 200 application/json whose body is not JSON",
     "empty": "HTTP 200 with an empty body",
     "gzip-lie": "HTTP 200 claiming Content-Encoding: gzip, with a plain body",
+    "set-cookie": "the normal answer with a Set-Cookie, as an auth gateway in front of Ollama sends one",
 }
 _FAULT_RE = re.compile(rb"FAULT:([a-z0-9-]+)")
 
@@ -132,6 +133,10 @@ async def faults(request: web.Request, handler: Any) -> web.StreamResponse:
     if found is None or found.group(1).decode() not in FAULTS:
         return await handler(request)
     name = found.group(1).decode()
+    if name == "set-cookie":
+        answer = await handler(request)
+        answer.set_cookie("gateway_session", "SESSION-OF-ONE-USER", path="/")
+        return answer
     transport = request.transport
     assert transport is not None
     head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 196\r\n\r\n"

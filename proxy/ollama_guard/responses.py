@@ -69,15 +69,25 @@ def decision_header(decision: str, scanners: list[str]) -> tuple[str, str]:
 
 def scan_header(*groups: tuple[str, Sequence[Verdict]]) -> tuple[str, str] | None:
     """`X-Guard-Scanners: input:Secrets;score=1.00;ms=2.9, ...`: per scanner, the top score and total time."""
-    merged: dict[tuple[str, str], tuple[float, float]] = {}
+    pieces: list[str] = []
     for direction, verdicts in groups:
-        for r in (r for v in verdicts for r in v.results):
-            score, ms = merged.get((direction, r.scanner), (-1.0, 0.0))
-            merged[(direction, r.scanner)] = (max(score, r.score), ms + r.ms)
-    if not merged:
-        return None
-    value = ", ".join(f"{d}:{n};score={s:.2f};ms={ms:.1f}" for (d, n), (s, ms) in merged.items())
-    return ("X-Guard-Scanners", value)
+        merged: dict[str, tuple[float, float]] = {}
+        for v in verdicts:
+            for r in v.results:
+                prev = merged.get(r.scanner)
+                merged[r.scanner] = (r.score, r.ms) if prev is None else (max(prev[0], r.score), prev[1] + r.ms)
+        for n, (score, ms) in merged.items():
+            key = (direction, n, score, ms)
+            piece = _PIECES.get(key)
+            if piece is None:
+                piece = f"{direction}:{n};score={score:.2f};ms={ms:.1f}"
+                if ms == 0.0 and len(_PIECES) < 4096:  # a cached verdict's (no scan time): they repeat
+                    _PIECES[key] = piece
+            pieces.append(piece)
+    return ("X-Guard-Scanners", ", ".join(pieces)) if pieces else None
+
+
+_PIECES: dict[tuple[str, str, float, float], str] = {}
 
 
 class ClientGone(Exception):

@@ -206,31 +206,69 @@ def _where(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _canonical(value: Any, schema: Schema, path: str) -> Any:
+class _Clash(Exception):
+    """A key that folds to a field without being it, found at the innermost level; each level on the way out
+    adds its step to `steps` (innermost first), so paths are built only for a refusal, never per key."""
+
+    def __init__(self, key: str, meant: str) -> None:
+        super().__init__(key)
+        self.key, self.meant = key, meant
+        self.steps: list[str] = []  # ".key", "[3]" or "['k']"
+
+    def refusal(self, prefix: str = "") -> BadRequest:
+        path = prefix
+        for step in reversed(self.steps):
+            path = path + step if step[0] == "[" else _where(path, step[1:])
+        return BadRequest(
+            f"{_where(path, self.key)!r} differs from the field {_where(path, self.meant)!r} only in letter "
+            f"case; Ollama would read it as {self.meant!r}, so it is refused: send {self.meant!r} once"
+        )
+
+
+def _canonical(value: Any, schema: Schema) -> Any:
     if isinstance(schema, dict):
         if not isinstance(value, dict):
             return value  # a wrong type: the route's validation says so
         out: dict[str, Any] = {}
         for key, sub in value.items():
             if key in schema:
-                out[key] = _canonical(sub, schema[key], _where(path, key))
+                inner = schema[key]
+                if inner is None:  # a leaf: taken as it is
+                    out[key] = sub
+                    continue
+                try:
+                    out[key] = _canonical(sub, inner)
+                except _Clash as clash:
+                    clash.steps.append("." + key)
+                    raise
                 continue
             meant = _folded(schema).get(fold(key))
             if meant is not None:
-                raise BadRequest(
-                    f"{_where(path, key)!r} differs from the field {_where(path, meant)!r} only in letter case; "
-                    f"Ollama would read it as {meant!r}, so it is refused: send {meant!r} once"
-                )
+                raise _Clash(key, meant)
             # Not a field of Ollama's request: Ollama would ignore it, and the guard does not send it.
         return out
     if isinstance(schema, list):
         if not isinstance(value, list):
             return value
-        return [_canonical(item, schema[0], f"{path}[{i}]") for i, item in enumerate(value)]
+        items = []
+        for i, item in enumerate(value):
+            try:
+                items.append(_canonical(item, schema[0]))
+            except _Clash as clash:
+                clash.steps.append(f"[{i}]")
+                raise
+        return items
     if isinstance(schema, MapOf):
         if not isinstance(value, dict):
             return value
-        return {k: _canonical(v, schema.values, f"{path}[{k!r}]") for k, v in value.items()}
+        mapped = {}
+        for k, v in value.items():
+            try:
+                mapped[k] = _canonical(v, schema.values)
+            except _Clash as clash:
+                clash.steps.append(f"[{k!r}]")
+                raise
+        return mapped
     return value
 
 
@@ -240,15 +278,22 @@ def canonical_body(body: dict[str, Any], route: Route) -> dict[str, Any]:
     Shape: the same JSON object, minus unknown keys (at every struct depth). Raises BadRequest (400) for a
     key that differs from a field name only in letter case (Go's folding), at any depth.
     """
-    out = _canonical(body, REQUESTS[(route.dialect, route.kind)], "")
+    try:
+        out = _canonical(body, REQUESTS[(route.dialect, route.kind)])
+    except _Clash as clash:
+        raise clash.refusal() from None
     if route.dialect == "openai" and route.kind == "chat":
         # Content parts are maps in Ollama (read by exact key); checked as structs all the same, stricter.
         for i, message in enumerate(out.get("messages") or []):
             content = message.get("content") if isinstance(message, dict) else None
             if isinstance(content, list):
-                message["content"] = [
-                    _canonical(part, _OPENAI_PART, f"messages[{i}].content[{j}]") for j, part in enumerate(content)
-                ]
+                parts = []
+                for j, part in enumerate(content):
+                    try:
+                        parts.append(_canonical(part, _OPENAI_PART))
+                    except _Clash as clash:
+                        raise clash.refusal(f"messages[{i}].content[{j}]") from None
+                message["content"] = parts
     return out
 
 

@@ -19,8 +19,8 @@ import contextvars
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 BUDGET_ERROR = "scan budget exceeded"
@@ -50,15 +50,17 @@ current_budget: contextvars.ContextVar[RequestBudget | None] = contextvars.Conte
 _local = threading.local()
 
 
-@contextmanager
-def deadline(at: float | None) -> Iterator[None]:
-    """Run the block (in a scan thread) with `check()` raising once `time.monotonic()` passes `at`."""
-    previous = getattr(_local, "at", None)
+def enter(at: float | None) -> float | None:
+    """From now on this thread's `check()` raises once `time.monotonic()` passes `at`; returns the deadline
+    it replaces, for `leave`. (A pair of calls, not a context manager: scans run this per text.)"""
+    previous: float | None = getattr(_local, "at", None)
     _local.at = at
-    try:
-        yield
-    finally:
-        _local.at = previous
+    return previous
+
+
+def leave(previous: float | None) -> None:
+    """Back to the deadline `enter` replaced."""
+    _local.at = previous
 
 
 def check() -> None:

@@ -135,8 +135,11 @@ def _run_sequential(
 ) -> tuple[str, list[ScanResult]]:
     """Pattern detectors on the original text, then the sanitizer chain. Runs in a worker thread, and stops
     at `deadline` (time.monotonic()): the scanner running reports the budget error, the rest do not run."""
-    with budget.deadline(deadline):
+    previous = budget.enter(deadline)
+    try:
         return _run_chain(detectors, sanitizers, text, prompt, vault, short_circuit)
+    finally:
+        budget.leave(previous)
 
 
 def _run_chain(
@@ -374,16 +377,17 @@ class ScanEngine:
             if out != text:
                 new_text = out
         fail_closed = self.settings.block_on_guard_error
-        errored = any(r.error for r in results)
-        blocked = any(
-            (not r.valid and r.error is None and r.action == "block")
-            or (r.error is not None and (fail_closed or r.error == budget.BUDGET_ERROR))
-            for r in results
-        )
+        errored = blocked = False
+        for r in results:  # one pass: this runs for every text scanned
+            if r.error is None:
+                if not r.valid and r.action == "block":
+                    blocked = True
+                continue
+            errored = True
+            # A sanitizer that errored cannot be trusted to have removed what it looks for.
+            if fail_closed or r.error == budget.BUDGET_ERROR or r.action == "sanitize":
+                blocked = True
         sanitized = new_text != text
-        # A sanitizer that errored cannot be trusted to have removed what it looks for.
-        if any(r.error and r.action == "sanitize" for r in results):
-            blocked = True
         if len(results) > 1:
             order = self._order
             results.sort(key=lambda r: order.get(r.scanner, 0))

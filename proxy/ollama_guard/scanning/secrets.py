@@ -193,13 +193,14 @@ class Screen:
         always = [i for i, (_, literals, _) in enumerate(entries) if literals is None]
         return cls(entries, automaton, always, by_literal)
 
-    def entries_for(self, text: str) -> list[Entry]:
-        """The entries that can match somewhere in `text`: every literal occurring in it is found in one
-        Aho-Corasick pass (pyahocorasick, C), so a line is then tried against a few expressions, not ~190
-        (~190 substring searches per text were the largest cost of a streamed answer's windows)."""
+    def entries_for(self, text: str, folded: str | None = None) -> list[Entry]:
+        """The entries that can match somewhere in `text` (`folded`: fold(text), if the caller has it):
+        every literal occurring in it is found in one Aho-Corasick pass (pyahocorasick, C), so a line is then
+        tried against a few expressions, not ~190 (~190 substring searches per text were the largest cost of
+        a streamed answer's windows)."""
         chosen = set(self.always)
         if self.automaton is not None:
-            for _, literal in self.automaton.iter(fold(text)):
+            for _, literal in self.automaton.iter(fold(text) if folded is None else folded):
                 chosen.update(self.by_literal[literal])
         return [self.entries[i] for i in sorted(chosen)]
 
@@ -221,11 +222,13 @@ def _screen_for(text: str) -> list[Entry] | None:
     return _screen.entries_for(text) if _screen is not None else None
 
 
-def _plugins_for(line: str, screen: list[Entry] | None) -> list[BasePlugin]:
-    """The plugins one of whose expressions matches this (stripped) line: the only ones that can report."""
+def _plugins_for(line: str, screen: list[Entry] | None, folded: str | None = None) -> list[BasePlugin]:
+    """The plugins one of whose expressions matches this (stripped) line: the only ones that can report.
+    `folded`: the line already folded, if the caller has it."""
     if screen is None:
         return list(get_plugins())
-    folded = fold(line) if any(needles for _, needles, _ in screen) else line
+    if folded is None:
+        folded = fold(line) if any(needles for _, needles, _ in screen) else line
     found: list[BasePlugin] = []
     for pattern, needles, plugin in screen:
         if any(p is plugin for p in found) or (needles is not None and not any(n in folded for n in needles)):
@@ -249,14 +252,15 @@ def scan_lines(text: str) -> list[tuple[str, str]]:
     (budget.ScanBudgetExceeded). Uses detect-secrets' line scan and filters (`_scan_line`,
     `_is_filtered_out`): internal names of the pinned bc-detect-secrets 1.5.43, tested against `scan_file`."""
     lines = _lines(text)
-    screen = _screen_for(text)
+    folded = fold(text) if _screen is not None else None  # once, for the screen and a one-line text's line
+    screen = _screen.entries_for(text, folded) if _screen is not None else None
     found: list[tuple[str, str]] = []
     examined = 0
     for number, raw in enumerate(lines, start=1):
         line = raw.strip()
         if not MIN_LINE_LENGTH <= len(line) <= MAX_LINE_LENGTH:
             continue
-        plugins = _plugins_for(line, screen)
+        plugins = _plugins_for(line, screen, folded if line == text else None)
         if not plugins:
             continue
         budget.check()
@@ -367,8 +371,10 @@ class Secrets(_LLMGuardSecrets):
     def _redact_once(self, text: str) -> str:
         for value in self._secret_values(text) if text.strip() else []:
             text = text.replace(value, self.redact_value(value, self._redact_mode))
+        if text.isascii():  # the view changes nothing a secret could hide in: not built
+            return text
         v = normalize.view(text, fold=False)
-        if v.original.isascii() or v.text == text:
+        if v.text == text:
             return text
         # Found only once normalised: rewrite the original characters each occurrence came from. Only the
         # lines the view changed can hold such a secret.

@@ -10,7 +10,9 @@ unique cell with more than 1 % hits says so. Also the time to the first streamed
 1,000 streamed characters, and idle memory. Every proxy figure is also given as a ratio to the pass-through
 measured in the same run: absolute numbers differ up to 4x between machines, ratios do not. Never asserts.
 
-    .venv/bin/python bench/proxy_bench.py [--duration 8] [--backend memory|redis]
+    .venv/bin/python bench/proxy_bench.py [--duration 8] [--rounds 3] [--backend memory|redis]
+
+The pass-through and the proxy cells take turns `--rounds` times and each reports its median run.
 """
 
 from __future__ import annotations
@@ -93,6 +95,11 @@ def wait_http(url: str, timeout: float = 120) -> None:
             pass
         time.sleep(0.1)
     raise RuntimeError(f"{url} did not come up")
+
+
+def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
+    """The run with the median requests/s (the lower middle one of an even count), whole: its latencies too."""
+    return sorted(runs, key=lambda r: r["rps"])[(len(runs) - 1) // 2]
 
 
 def wrk(url: str, script: Path, conns: int, duration: int) -> dict[str, float]:
@@ -287,6 +294,9 @@ def report_model(args: argparse.Namespace, model_dir: Path, cells: dict[int, Any
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=8)
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="pass-through and proxy cells take turns this many times (median)"
+    )
     ap.add_argument("--backend", default="memory", choices=["memory", "redis"])
     ap.add_argument("--model", choices=["minilm"], help="add a PromptInjection scanner on this model")
     ap.add_argument("--onnx", action="store_true", help="with --model: run it on ONNX Runtime")
@@ -387,19 +397,26 @@ def main() -> None:
         counts: dict[tuple[int, str], tuple[int, int]] = {}
         for conns in (1, 16):
             d = wrk(direct + "/api/chat", same, conns, args.duration)
-            pt = wrk(passthrough + "/api/chat", same, conns, args.duration)
-            cells = {}
-            for name, script in (("hit", same), ("unique", unique)):
-                if name == "unique":  # a new nonce for every wrk run: counters restart with each run
-                    unique.write_text(f'local nonce = "{os.urandom(4).hex()}"\n' + UNIQUE_LUA)
-                h0, m0 = cache_counts(proxy)
-                split0 = thread_cpu(procs[-1].pid, proxy) if args.model and name == "unique" else None
-                cells[name] = wrk(proxy + "/api/chat", script, conns, args.duration)
-                if split0 is not None:
-                    model_cells[conns] = (cpu_split(split0, thread_cpu(procs[-1].pid, proxy)), cells[name])
-                h1, m1 = cache_counts(proxy)
-                counts[(conns, name)] = (h1 - h0, m1 - m0)
-            rows.append((conns, d, cells["hit"], cells["unique"], pt))
+            # The pass-through and the proxy cells take turns, `rounds` times, and each cell reports its
+            # median run: this machine's speed drifts by tens of percent within minutes, and a reference
+            # measured once, at another moment than the proxy, made single-run ratios swing as much.
+            runs: dict[str, list[dict[str, float]]] = {"pt": [], "hit": [], "unique": []}
+            for _ in range(args.rounds):
+                runs["pt"].append(wrk(passthrough + "/api/chat", same, conns, args.duration))
+                for name, script in (("hit", same), ("unique", unique)):
+                    if name == "unique":  # a new nonce for every wrk run: counters restart with each run
+                        unique.write_text(f'local nonce = "{os.urandom(4).hex()}"\n' + UNIQUE_LUA)
+                    h0, m0 = cache_counts(proxy)
+                    split0 = thread_cpu(procs[-1].pid, proxy) if args.model and name == "unique" else None
+                    runs[name].append(wrk(proxy + "/api/chat", script, conns, args.duration))
+                    if split0 is not None:
+                        split = cpu_split(split0, thread_cpu(procs[-1].pid, proxy))
+                        model_cells[conns] = (split, runs[name][-1])
+                    h1, m1 = cache_counts(proxy)
+                    hits, misses = counts.get((conns, name), (0, 0))
+                    counts[(conns, name)] = (hits + h1 - h0, misses + m1 - m0)
+            cells = {name: median_run(r) for name, r in runs.items()}
+            rows.append((conns, d, cells["hit"], cells["unique"], cells["pt"]))
         st = httpx.get(proxy + "/stats").json()
         t_direct, t_pass, t_proxy = ttfc(direct), ttfc(passthrough), ttfc(proxy)
         v_direct, v_proxy = ttfv(direct), ttfv(proxy)
@@ -407,7 +424,10 @@ def main() -> None:
         cpu_proxy = stream_cpu(proxy, procs[-1].pid)
         scaling = [(n, d, p) for (n, d), (_, p) in zip(stream_scaling(direct), stream_scaling(proxy), strict=True)]
         extra = f", + PromptInjection on {args.model}{' (ONNX)' if args.onnx else ''}" if args.model else ""
-        print(f"\nproxy bench ({args.backend} cache, 1 worker, {args.duration}s per cell, wrk{extra})")
+        print(
+            f"\nproxy bench ({args.backend} cache, 1 worker, {args.duration}s per run, median of {args.rounds} "
+            f"alternating runs per cell, wrk{extra})"
+        )
         print(
             f"{'conc':>4} {'direct rps':>11} {'hit rps':>8} {'unique rps':>11}   p50/p99 ms: "
             f"{'direct':>15} {'hit':>13} {'unique':>15} {'non2xx':>7}"

@@ -9,7 +9,6 @@ output of the last. Verdicts are cached per text under the policy's fingerprint.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hashlib
 import logging
@@ -169,6 +168,34 @@ def _run_chain(
     return current, results
 
 
+@dataclass(slots=True)
+class _Plan:
+    """How one text is scanned by a set of scanners, worked out once per set: pattern detectors first, then
+    the sanitizer chain (`chain`, one job), and each model scanner on its own."""
+
+    pattern: list[GuardScanner]
+    sanitizers: list[GuardScanner]
+    models: list[GuardScanner]
+    chain: list[GuardScanner]  # pattern + sanitizers
+    all: list[GuardScanner]
+    timeout: float  # seconds: the chain's, or (a plan of one model) the model's
+    inline: bool  # every scanner of the chain is a bounded pure one (INLINE_TYPES)
+    chain_plan: _Plan | None = None  # with models: the plan of the chain alone, its own job
+
+    @classmethod
+    def of(cls, scanners: list[GuardScanner]) -> _Plan:
+        sanitizers = [s for s in scanners if s.action == "sanitize"]
+        pattern = [s for s in scanners if s.action != "sanitize" and not s.is_model]
+        models = [s for s in scanners if s.action != "sanitize" and s.is_model]
+        chain = pattern + sanitizers
+        inline = all(s.cfg.type in INLINE_TYPES for s in chain)
+        chain_plan = cls(pattern, sanitizers, [], chain, chain, sum(s.cfg.timeout for s in chain), inline)
+        if not models:
+            return chain_plan
+        timeout = chain_plan.timeout if chain else sum(s.cfg.timeout for s in models)
+        return cls(pattern, sanitizers, models, chain, chain + models, timeout, inline, chain_plan)
+
+
 class ScanEngine:
     def __init__(self, policy: Policy, settings: Settings, cache: Any = None, metrics: Any = None):
         self.policy = policy
@@ -189,12 +216,8 @@ class ScanEngine:
         self._inline_chars = settings.scan_inline_max_chars
         self._order = {s.name: i for i, s in enumerate(policy.all())}  # results are reported in config order
 
-    def _split(self, direction: str) -> tuple[list[GuardScanner], list[GuardScanner], list[GuardScanner]]:
-        active = self.policy.active(direction)
-        sanitizers = [s for s in active if s.action == "sanitize"]
-        pattern = [s for s in active if s.action != "sanitize" and not s.is_model]
-        models = [s for s in active if s.action != "sanitize" and s.is_model]
-        return pattern, sanitizers, models
+    def _split(self, direction: str) -> _Plan:
+        return _Plan.of(self.policy.active(direction))
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -257,40 +280,20 @@ class ScanEngine:
         observe: bool = True,
     ) -> Verdict:
         """Scan with a subset of the output scanners, uncached: the streaming guard's windows."""
-        sanitizers = [s for s in scanners if s.action == "sanitize"]
-        pattern = [s for s in scanners if s.action != "sanitize" and not s.is_model]
-        models = [s for s in scanners if s.action != "sanitize" and s.is_model]
-        verdict = await self._scan_one((pattern, sanitizers, models), text, prompt, vault)
+        verdict = await self._scan_one(_Plan.of(scanners), text, prompt, vault)
         if observe and self.metrics is not None:
             self.metrics.observe_verdict(direction, verdict)
         return verdict
 
-    async def _scan_one(
-        self,
-        groups: tuple[list[GuardScanner], list[GuardScanner], list[GuardScanner]],
-        text: str,
-        prompt: str,
-        vault: Any,
-    ) -> Verdict:
-        pattern, sanitizers, models = groups
+    async def _scan_one(self, plan: _Plan, text: str, prompt: str, vault: Any) -> Verdict:
+        if not plan.models and plan.inline and len(text) <= self._inline_chars:
+            # Pure scanners on a short text, on the event loop: nothing to wait for, so no slot is taken.
+            return self._combine(text, [self._inline(plan, text, prompt, vault)])
+        models = plan.models
         async with self._slots:
             jobs = []
-            if pattern or sanitizers:
-                timeout = sum(s.cfg.timeout for s in pattern + sanitizers)
-                jobs.append(
-                    self._pooled(
-                        pattern + sanitizers,
-                        timeout,
-                        text,
-                        _run_sequential,
-                        pattern,
-                        sanitizers,
-                        text,
-                        prompt,
-                        vault,
-                        self.settings.short_circuit,
-                    )
-                )
+            if plan.chain:
+                jobs.append(self._pooled(plan.chain_plan or plan, text, prompt, vault))
             run_models = models
             if self.settings.short_circuit and jobs:
                 current, results = await jobs.pop()
@@ -308,39 +311,57 @@ class ScanEngine:
                     # Batched model: await its future; no thread is held while the batch forms and runs.
                     jobs.append(self._awaited(s, text, lambda submit=submit: asyncio.wrap_future(submit(text))))
                     continue
-                jobs.append(self._pooled([s], s.cfg.timeout, text, _one_model, s, text, prompt, vault))
+                jobs.append(self._pooled(_Plan.of([s]), text, prompt, vault))
             done = first + ([await jobs[0]] if len(jobs) == 1 else list(await asyncio.gather(*jobs)))
         return self._combine(text, done)
 
-    async def _pooled(
-        self, scanners: list[GuardScanner], timeout: float, text: str, fn: Any, *args: Any
+    def _inline(self, plan: _Plan, text: str, prompt: str, vault: Any) -> tuple[str, list[ScanResult]]:
+        """The plan's pure scanners on `text`, here on the event loop (a hand-off to a pool thread and back
+        costs more than a 300-character Secrets scan of ~20-50 us), within the request's scan budget."""
+        return self._charged(plan, text, lambda deadline: self._chain(plan, text, prompt, vault, deadline))
+
+    def _chain(
+        self, plan: _Plan, text: str, prompt: str, vault: Any, deadline: float | None
     ) -> tuple[str, list[ScanResult]]:
-        """`fn(*args, deadline=...)` within the request's scan budget (budget.current_budget): its remaining
-        seconds are the deadline, its run time is charged to it, and a request with no budget left gets the
-        budget error without running. A short text for pure scanners is scanned right here, on the event loop
-        (a hand-off to a pool thread and back costs more than a 300-character Secrets scan of ~20-50 us);
-        anything else runs on a pool thread when this request's turn comes (FairSlots)."""
-        req_budget = budget.current_budget.get()
-        inline = (
-            fn is _run_sequential
-            and len(text) <= self._inline_chars
-            and all(s.cfg.type in INLINE_TYPES for s in scanners)
+        if plan.models:  # a plan of one model scanner (not batched), made for its own job
+            return _one_model(plan.models[0], text, prompt, vault)
+        return _run_sequential(
+            plan.pattern, plan.sanitizers, text, prompt, vault, self.settings.short_circuit, deadline
         )
+
+    def _charged(self, plan: _Plan, text: str, run: Any) -> Any:
+        """`run(deadline)` within the request's scan budget (budget.current_budget): its remaining seconds are
+        the deadline, its run time is charged to it, and a request with no budget left gets the budget error
+        without running. Returns what `run` returns (awaitable or not: charged once it is done)."""
+        req_budget = budget.current_budget.get()
+        if req_budget is not None and req_budget.remaining() <= 0:
+            return text, [ScanResult(s.name, False, 1.0, 0.0, s.action, budget.BUDGET_ERROR) for s in plan.all]
+        started = time.monotonic()
+        try:
+            return run(started + req_budget.remaining() if req_budget is not None else None)
+        finally:
+            if req_budget is not None:
+                req_budget.used += time.monotonic() - started
+
+    async def _pooled(self, plan: _Plan, text: str, prompt: str, vault: Any) -> tuple[str, list[ScanResult]]:
+        """The plan's scanners on `text`: inline when short and pure (`_inline`), else on a pool thread when
+        this request's turn comes (FairSlots), within the request's scan budget and the scanners' timeouts."""
+        if not plan.models and plan.inline and len(text) <= self._inline_chars:
+            return self._inline(plan, text, prompt, vault)
+        req_budget = budget.current_budget.get()
         # Outside a request (no budget), each job is its own FairSlots owner.
-        turn = contextlib.nullcontext() if inline else self._threads.slot(req_budget or object())
-        async with turn:
+        async with self._threads.slot(req_budget or object()):
             if req_budget is not None and req_budget.remaining() <= 0:
-                return text, [ScanResult(s.name, False, 1.0, 0.0, s.action, budget.BUDGET_ERROR) for s in scanners]
+                return text, [ScanResult(s.name, False, 1.0, 0.0, s.action, budget.BUDGET_ERROR) for s in plan.all]
             started = time.monotonic()
             deadline = started + req_budget.remaining() if req_budget is not None else None
+            timeout = plan.timeout
+            if deadline is not None:
+                timeout = min(timeout, deadline - started + 1.0)
+            call = functools.partial(self._chain, plan, text, prompt, vault, deadline)
+            loop = asyncio.get_running_loop()
             try:
-                if inline:
-                    return fn(*args, deadline=deadline)  # type: ignore[no-any-return]
-                if deadline is not None:
-                    timeout = min(timeout, deadline - started + 1.0)
-                call = functools.partial(fn, *args, deadline=deadline)
-                loop = asyncio.get_running_loop()
-                return await self._bounded(loop.run_in_executor(self.executor, call), timeout, scanners, text)
+                return await self._bounded(loop.run_in_executor(self.executor, call), timeout, plan.all, text)
             finally:
                 if req_budget is not None:
                     req_budget.used += time.monotonic() - started

@@ -141,7 +141,17 @@ def cache_counts(url: str) -> tuple[int, int]:
     return int(cache.get("hits", 0)), int(cache.get("misses", 0))
 
 
-def ttfc(url: str, n: int = 200) -> float:
+def ttfc(urls: list[str], rounds: int = 5, n: int = 40) -> list[float]:
+    """Median ms to the first streamed chunk for each of `urls`, measured in turns (`rounds` x `n` streams
+    each), so that the machine's drift falls on all of them alike."""
+    samples: list[list[float]] = [[] for _ in urls]
+    for _ in range(rounds):
+        for i, url in enumerate(urls):
+            samples[i].extend(_ttfc_samples(url, n))
+    return [sorted(s)[len(s) // 2] for s in samples]
+
+
+def _ttfc_samples(url: str, n: int) -> list[float]:
     body = {"model": "llama3.2", "messages": [{"role": "user", "content": "REPEAT 20: streamed words. "}]}
     times = []
     with httpx.Client() as c:
@@ -153,8 +163,7 @@ def ttfc(url: str, n: int = 200) -> float:
                     if first:
                         times.append((time.perf_counter() - t) * 1000)
                         first = False
-    times.sort()
-    return times[len(times) // 2]
+    return times
 
 
 def ttfv(url: str, n: int = 15, tokens_per_s: float = 30.0) -> float:
@@ -418,7 +427,7 @@ def main() -> None:
             cells = {name: median_run(r) for name, r in runs.items()}
             rows.append((conns, d, cells["hit"], cells["unique"], cells["pt"]))
         st = httpx.get(proxy + "/stats").json()
-        t_direct, t_pass, t_proxy = ttfc(direct), ttfc(passthrough), ttfc(proxy)
+        t_direct, t_pass, t_proxy = ttfc([direct, passthrough, proxy])
         v_direct, v_proxy = ttfv(direct), ttfv(proxy)
         cpu_pass = stream_cpu(passthrough, passthrough_proc.pid)
         cpu_proxy = stream_cpu(proxy, procs[-1].pid)

@@ -196,6 +196,32 @@ class _Plan:
         return cls(pattern, sanitizers, models, chain, chain + models, timeout, inline, chain_plan)
 
 
+class _Charge:
+    """One scan job's share of its request's scan budget (budget.current_budget): the job may run until
+    `deadline` (time.monotonic(); None outside a request), and `done()` charges its run time to the budget."""
+
+    __slots__ = ("budget", "started", "deadline")
+
+    def __init__(self) -> None:
+        self.budget = budget.current_budget.get()
+        self.started = time.monotonic()
+        self.deadline = self.started + self.budget.remaining() if self.budget is not None else None
+
+    @property
+    def exhausted(self) -> bool:
+        """The request has no budget left: the job must not run."""
+        return self.deadline is not None and self.deadline <= self.started
+
+    def done(self) -> None:
+        if self.budget is not None:
+            self.budget.used += time.monotonic() - self.started
+
+
+def _over_budget(plan: _Plan, text: str) -> tuple[str, list[ScanResult]]:
+    """The results of a job that could not run: its request's scan budget was spent."""
+    return text, [ScanResult(s.name, False, 1.0, 0.0, s.action, budget.BUDGET_ERROR) for s in plan.all]
+
+
 class ScanEngine:
     def __init__(self, policy: Policy, settings: Settings, cache: Any = None, metrics: Any = None):
         self.policy = policy
@@ -286,15 +312,14 @@ class ScanEngine:
         return verdict
 
     async def _scan_one(self, plan: _Plan, text: str, prompt: str, vault: Any) -> Verdict:
-        if not plan.models and plan.inline and len(text) <= self._inline_chars:
+        if self._inline_ok(plan, text):
             # Pure scanners on a short text, on the event loop: nothing to wait for, so no slot is taken.
             return self._combine(text, [self._inline(plan, text, prompt, vault)])
-        models = plan.models
         async with self._slots:
             jobs = []
             if plan.chain:
                 jobs.append(self._pooled(plan.chain_plan or plan, text, prompt, vault))
-            run_models = models
+            run_models = plan.models
             if self.settings.short_circuit and jobs:
                 current, results = await jobs.pop()
                 if any(r.fired and r.action == "block" for r in results):
@@ -315,10 +340,20 @@ class ScanEngine:
             done = first + ([await jobs[0]] if len(jobs) == 1 else list(await asyncio.gather(*jobs)))
         return self._combine(text, done)
 
+    def _inline_ok(self, plan: _Plan, text: str) -> bool:
+        """Scanned right here, on the event loop: bounded pure scanners on a text of at most
+        `scan_inline_max_chars` (a hand-off to a pool thread and back costs more than a 300-character
+        Secrets scan of ~20-50 us)."""
+        return not plan.models and plan.inline and len(text) <= self._inline_chars
+
     def _inline(self, plan: _Plan, text: str, prompt: str, vault: Any) -> tuple[str, list[ScanResult]]:
-        """The plan's pure scanners on `text`, here on the event loop (a hand-off to a pool thread and back
-        costs more than a 300-character Secrets scan of ~20-50 us), within the request's scan budget."""
-        return self._charged(plan, text, lambda deadline: self._chain(plan, text, prompt, vault, deadline))
+        charge = _Charge()
+        if charge.exhausted:
+            return _over_budget(plan, text)
+        try:
+            return self._chain(plan, text, prompt, vault, charge.deadline)
+        finally:
+            charge.done()
 
     def _chain(
         self, plan: _Plan, text: str, prompt: str, vault: Any, deadline: float | None
@@ -329,42 +364,25 @@ class ScanEngine:
             plan.pattern, plan.sanitizers, text, prompt, vault, self.settings.short_circuit, deadline
         )
 
-    def _charged(self, plan: _Plan, text: str, run: Any) -> Any:
-        """`run(deadline)` within the request's scan budget (budget.current_budget): its remaining seconds are
-        the deadline, its run time is charged to it, and a request with no budget left gets the budget error
-        without running. Returns what `run` returns (awaitable or not: charged once it is done)."""
-        req_budget = budget.current_budget.get()
-        if req_budget is not None and req_budget.remaining() <= 0:
-            return text, [ScanResult(s.name, False, 1.0, 0.0, s.action, budget.BUDGET_ERROR) for s in plan.all]
-        started = time.monotonic()
-        try:
-            return run(started + req_budget.remaining() if req_budget is not None else None)
-        finally:
-            if req_budget is not None:
-                req_budget.used += time.monotonic() - started
-
     async def _pooled(self, plan: _Plan, text: str, prompt: str, vault: Any) -> tuple[str, list[ScanResult]]:
-        """The plan's scanners on `text`: inline when short and pure (`_inline`), else on a pool thread when
-        this request's turn comes (FairSlots), within the request's scan budget and the scanners' timeouts."""
-        if not plan.models and plan.inline and len(text) <= self._inline_chars:
+        """The plan's scanners on `text`: inline when `_inline_ok`, else on a pool thread when this request's
+        turn comes (FairSlots), within the request's scan budget and the scanners' timeouts."""
+        if self._inline_ok(plan, text):
             return self._inline(plan, text, prompt, vault)
-        req_budget = budget.current_budget.get()
         # Outside a request (no budget), each job is its own FairSlots owner.
-        async with self._threads.slot(req_budget or object()):
-            if req_budget is not None and req_budget.remaining() <= 0:
-                return text, [ScanResult(s.name, False, 1.0, 0.0, s.action, budget.BUDGET_ERROR) for s in plan.all]
-            started = time.monotonic()
-            deadline = started + req_budget.remaining() if req_budget is not None else None
+        async with self._threads.slot(budget.current_budget.get() or object()):
+            charge = _Charge()
+            if charge.exhausted:
+                return _over_budget(plan, text)
             timeout = plan.timeout
-            if deadline is not None:
-                timeout = min(timeout, deadline - started + 1.0)
-            call = functools.partial(self._chain, plan, text, prompt, vault, deadline)
+            if charge.deadline is not None:
+                timeout = min(timeout, charge.deadline - charge.started + 1.0)
+            call = functools.partial(self._chain, plan, text, prompt, vault, charge.deadline)
             loop = asyncio.get_running_loop()
             try:
                 return await self._bounded(loop.run_in_executor(self.executor, call), timeout, plan.all, text)
             finally:
-                if req_budget is not None:
-                    req_budget.used += time.monotonic() - started
+                charge.done()
 
     async def _awaited(self, s: GuardScanner, text: str, start: Any) -> tuple[str, list[ScanResult]]:
         """A model scan that holds no thread while it waits: a batched model's future, or a guard model's call

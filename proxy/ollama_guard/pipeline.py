@@ -196,7 +196,7 @@ class GuardedRoutes:
         query = request.scope.get("query_string", b"")
         path = request.scope["path"] + (f"?{query.decode('latin-1')}" if query else "")
         up_started = time.perf_counter()
-        watch = DisconnectWatch(request)
+        watch = DisconnectWatch(request.receive)
         try:
             resp = await watch.run(st.upstream.open("POST", path, headers, raw))
         except ClientGone:
@@ -362,10 +362,7 @@ class GuardedRoutes:
         )
         over_budget = any(r.error == budget.BUDGET_ERROR for v in verdicts for r in v.results)
         decision = "error" if errored else "blocked"
-        headers = [decision_header(decision, names)]
-        sh = scan_header((direction, verdicts))
-        if sh:
-            headers.append(sh)
+        headers = _guard_headers(decision, names, (direction, verdicts))
         message_mode = s.blocked_response == "message" and req.route.kind in ("chat", "generate", "completion")
         self._audit(
             request,

@@ -10,7 +10,6 @@ import asyncio
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
-from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -95,21 +94,21 @@ class ClientGone(Exception):
 
 
 class DisconnectWatch:
-    """Watches for the client during the steps of the upstream exchange (`run`): a client that goes away
-    during a step cancels it (aiohttp then closes the upstream connection, and Ollama stops generating) and
-    the step raises ClientGone.
+    """Watches for the client (on the request's ASGI `receive`) during the steps of the upstream exchange or
+    of a streamed answer (`run`): a client that goes away during a step cancels it (aiohttp then closes the
+    upstream connection, and Ollama stops generating) and the step raises ClientGone.
 
     The watcher task starts only once the exchange has taken `AFTER` seconds: most answers (a cache hit, an
     embedding, a refusal) come sooner, and a task per request cost ~5 % of a cache hit's CPU; a client that
     left earlier is noticed then. Only one task may read the request's `receive`: `close()` before a
-    streaming response, which watches for the client on its own."""
+    streaming response, which watches for the client with a watch of its own."""
 
     AFTER = 0.1  # seconds: how late a departure may be noticed, against a task for every request
 
-    __slots__ = ("request", "task", "watcher", "timer", "active", "gone")
+    __slots__ = ("receive", "task", "watcher", "timer", "active", "gone")
 
-    def __init__(self, request: Request) -> None:
-        self.request = request
+    def __init__(self, receive: Receive) -> None:
+        self.receive = receive
         self.task: asyncio.Task[Any] | None = None
         self.watcher: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -129,10 +128,10 @@ class DisconnectWatch:
             try:
                 result = await work
             except asyncio.CancelledError:
-                if not self.gone:
-                    raise
                 assert self.task is not None
-                self.task.uncancel()  # our own cancel, consumed here
+                # Our own cancel is consumed here; one from elsewhere (shutdown) goes on.
+                if not self.gone or self.task.uncancel() > 0:
+                    raise
                 raise ClientGone from None
             finally:
                 self.active = False
@@ -150,7 +149,7 @@ class DisconnectWatch:
         self.watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def _watch(self) -> None:
-        await wait_disconnect(self.request)
+        await wait_disconnect(self.receive)
         self.gone = True
         if self.active and self.task is not None:
             self.task.cancel()
@@ -163,9 +162,9 @@ class DisconnectWatch:
             self.watcher.cancel()
 
 
-async def wait_disconnect(request: Request) -> None:
+async def wait_disconnect(receive: Receive) -> None:
     while True:
-        message = await request.receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
             return
 
@@ -195,27 +194,12 @@ class _DisconnectAwareStreamingResponse(StreamingResponse):
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Streams in this task, with one watcher task (an anyio task group took two tasks and a cancel scope
+        # Streams in this task under a DisconnectWatch (an anyio task group took two tasks and a cancel scope
         # per stream, on the way to its first chunk).
-        task = asyncio.current_task()
-        assert task is not None
-        gone = False
-
-        async def watch() -> None:
-            nonlocal gone
-            await self.listen_for_disconnect(receive)
-            gone = True
-            task.cancel()
-
-        watcher = asyncio.get_running_loop().create_task(watch())
         try:
-            await self.stream_response(send)
-        except asyncio.CancelledError:
-            if not (gone and task.uncancel() == 0):
-                raise
-            # The client left: the body iterator's `finally` closed the upstream connection; nothing to send.
-        finally:
-            watcher.cancel()
+            await DisconnectWatch(receive).run(self.stream_response(send), last=True)
+        except ClientGone:
+            pass  # the body iterator's `finally` closed the upstream connection; nobody to send to
 
 
 def stream_response(gen: Any, status: int, headers: list[tuple[str, str]], media_type: str | None = None) -> Response:

@@ -142,7 +142,7 @@ class VerdictCache(RedisBacked):
         self._report_backend()
 
     def _count(self, backend: str, values: Sequence[bytes | None]) -> None:
-        hits = len(values) - list(values).count(None)
+        hits = len(values) - values.count(None)
         self.hits += hits
         self.misses += len(values) - hits
         if self.metrics is not None:

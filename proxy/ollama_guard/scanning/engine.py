@@ -443,10 +443,8 @@ def _submitter(scanner: GuardScanner) -> Any:
     return getattr(inst, "submit", None)
 
 
-def _one_model(
-    scanner: GuardScanner, text: str, prompt: str, vault: Any, deadline: float | None = None
-) -> tuple[str, list[ScanResult]]:
-    """A model scanner that is not batched, on a pool thread (`deadline` is the budget's; models do not check
-    it, the job's timeout bounds them)."""
+def _one_model(scanner: GuardScanner, text: str, prompt: str, vault: Any) -> tuple[str, list[ScanResult]]:
+    """A model scanner that is not batched, on a pool thread (models do not check the budget's deadline: the
+    job's timeout, cut to the budget left, bounds them)."""
     out, res = _timed_call(scanner, text, prompt, vault)
     return text, [res]

@@ -39,9 +39,9 @@ class BanSubstrings(_BanSubstrings):
         out, valid, score = super().scan(prompt)
         if not valid and not self._redact:
             return out, valid, score
+        if out.isascii():
+            return out, valid, score  # the view adds nothing llm-guard did not see: not built
         v = normalize.view(out, fold=self._fold)
-        if v.original.isascii():
-            return out, valid, score  # the view adds nothing llm-guard did not see
         found = [list(e.finditer(v.text)) for e in self._exprs]
         if self._contains_all:
             if not all(found):
@@ -58,9 +58,9 @@ class Regex(_Regex):
         out, valid, score = super().scan(prompt)
         if not self._is_blocked or (not valid and not self._redact):
             return out, valid, score
-        v = normalize.view(out, fold=False)
-        if v.original.isascii():
+        if out.isascii():
             return out, valid, score
+        v = normalize.view(out, fold=False)
         matches = [m for p in self._patterns for m in self._match_type.match(p, v.text)]
         if not matches:
             return out, valid, score

@@ -218,8 +218,10 @@ def _lines(text: str) -> list[str]:
     return out
 
 
-def _screen_for(text: str) -> list[Entry] | None:
-    return _screen.entries_for(text) if _screen is not None else None
+def _screen_for(text: str, folded: str | None = None) -> list[Entry] | None:
+    """The screen entries that can match in `text` (`folded`: fold(text), if the caller has it); None when
+    there is no screen (every plugin runs)."""
+    return _screen.entries_for(text, folded) if _screen is not None else None
 
 
 def _plugins_for(line: str, screen: list[Entry] | None, folded: str | None = None) -> list[BasePlugin]:
@@ -253,7 +255,7 @@ def scan_lines(text: str) -> list[tuple[str, str]]:
     `_is_filtered_out`): internal names of the pinned bc-detect-secrets 1.5.43, tested against `scan_file`."""
     lines = _lines(text)
     folded = fold(text) if _screen is not None else None  # once, for the screen and a one-line text's line
-    screen = _screen.entries_for(text, folded) if _screen is not None else None
+    screen = _screen_for(text, folded)
     found: list[tuple[str, str]] = []
     examined = 0
     for number, raw in enumerate(lines, start=1):

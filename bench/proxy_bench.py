@@ -260,6 +260,29 @@ def cpu_split(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     return {"split": split, "mean_batch": texts / batches if batches else 0.0}
 
 
+def backend_name(args: argparse.Namespace) -> str:
+    return ("ONNX, int8" if args.quantize == "int8" else "ONNX") if args.onnx else "torch"
+
+
+def int8_agreement(model_dir: Path, texts: list[str], device: Any) -> str:
+    """How far the int8 model's verdicts and injection probabilities are from the float32 model's."""
+    import numpy as np
+    from ollama_guard.scanning.batching import _softmax, close_shared
+    from scan_throughput import make_engine
+
+    out = {}
+    for name in ("engine-onnx", "engine-onnx-int8"):
+        engine, inst = make_engine(name, model_dir, device, 16, 2.0)
+        logits = inst.classifier.classify(texts)
+        out[name] = (np.stack([_softmax(x)[0] for x in logits]), [inst.scan(t)[1] for t in texts])
+        engine.close()
+        close_shared()
+    (p32, v32), (p8, v8) = out["engine-onnx"], out["engine-onnx-int8"]
+    diff = np.abs(p32 - p8)
+    same = sum(a == b for a, b in zip(v32, v8, strict=True))
+    return f"same verdict {same}/{len(texts)}, probability change max {diff.max():.4f}, mean {diff.mean():.4f}"
+
+
 def report_model(args: argparse.Namespace, model_dir: Path, cells: dict[int, Any]) -> None:
     """The model rows: the proxy's unique-prompt cells beside the engine alone and llm-guard's scanner called
     per request (bench/scan_throughput.py's variants) on the same kind of prompts, measured in this run."""
@@ -273,7 +296,7 @@ def report_model(args: argparse.Namespace, model_dir: Path, cells: dict[int, Any
     words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo"]
     texts = [(f"NONCE-{i} " + " ".join(words[(i + k * 7) % len(words)] for k in range(45)))[:300] for i in range(512)]
     device = setup_torch("cpu", False, False, None)
-    variant = "engine-onnx" if args.onnx else "engine-torch"
+    variant = ("engine-onnx-int8" if args.quantize == "int8" else "engine-onnx") if args.onnx else "engine-torch"
     alone: dict[str, dict[int, Any]] = {}
     # llm-guard's own ONNX path needs optimum, whose export does not run next to torch 2.13
     # (../MACHINE_FACTS): its per-request reference runs on torch.
@@ -285,7 +308,9 @@ def report_model(args: argparse.Namespace, model_dir: Path, cells: dict[int, Any
         alone[name] = {c: asyncio.run(load(engine, texts, c, float(args.duration), 0.5)) for c in cells}
         engine.close()
         close_shared()
-    print(f"\nPromptInjection on {args.model}{' (ONNX)' if args.onnx else ' (torch)'}: whole proxy vs the scan alone")
+    print(f"\nPromptInjection on {args.model} ({backend_name(args)}): whole proxy vs the scan alone")
+    if args.quantize == "int8":
+        print(f"int8 against float32 on these {len(texts)} prompts: {int8_agreement(model_dir, texts, device)}")
     for c, (split, wrk_cell) in sorted(cells.items()):
         ref = alone[reference][c]["scans_per_s"]
         eng = alone[variant][c]["scans_per_s"]
@@ -309,6 +334,9 @@ def main() -> None:
     ap.add_argument("--backend", default="memory", choices=["memory", "redis"])
     ap.add_argument("--model", choices=["minilm"], help="add a PromptInjection scanner on this model")
     ap.add_argument("--onnx", action="store_true", help="with --model: run it on ONNX Runtime")
+    ap.add_argument(
+        "--quantize", choices=["none", "int8"], default="none", help="with --onnx: the model's quantize setting"
+    )
     args = ap.parse_args()
     from ollama_guard.logs import quiet_llm_guard
 
@@ -354,11 +382,15 @@ def main() -> None:
                 from ollama_guard.scanning.onnx_export import export_onnx
 
                 export_onnx(model_dir)
+                if args.quantize == "int8":
+                    from ollama_guard.scanning.onnx_export import quantize_int8
+
+                    quantize_int8(model_dir)
             policy["input_scanners"] = POLICY["input_scanners"] + [
                 {
                     "type": "PromptInjection",
                     "params": {"threshold": 0.99},
-                    "model": {"path": str(model_dir), "onnx": args.onnx},
+                    "model": {"path": str(model_dir), "onnx": args.onnx, "quantize": args.quantize},
                 }
             ]
         if args.backend == "redis":
@@ -432,7 +464,7 @@ def main() -> None:
         cpu_pass = stream_cpu(passthrough, passthrough_proc.pid)
         cpu_proxy = stream_cpu(proxy, procs[-1].pid)
         scaling = [(n, d, p) for (n, d), (_, p) in zip(stream_scaling(direct), stream_scaling(proxy), strict=True)]
-        extra = f", + PromptInjection on {args.model}{' (ONNX)' if args.onnx else ''}" if args.model else ""
+        extra = f", + PromptInjection on {args.model} ({backend_name(args)})" if args.model else ""
         print(
             f"\nproxy bench ({args.backend} cache, 1 worker, {args.duration}s per run, median of {args.rounds} "
             f"alternating runs per cell, wrk{extra})"

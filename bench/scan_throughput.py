@@ -90,7 +90,11 @@ def make_engine(variant: str, model_dir: Path, device: Any, batch_size: int, wai
     from ollama_guard.scanning.policy import GuardScanner, Policy, _build_model
     from ollama_guard.settings import ModelRef, ScannerConfig, load_settings
 
-    ref = ModelRef(path=str(model_dir), onnx=variant == "engine-onnx", batch_size=batch_size, batch_wait_ms=wait_ms)
+    onnx = variant.startswith("engine-onnx")  # engine-onnx, or engine-onnx-int8 (8-bit weights)
+    quantize = "int8" if variant == "engine-onnx-int8" else "none"
+    ref = ModelRef(
+        path=str(model_dir), onnx=onnx, quantize=quantize, batch_size=batch_size, batch_wait_ms=wait_ms
+    )
     cfg = ScannerConfig(type="PromptInjection", params={"threshold": 0.92}, model=ref)
     stype, _ = registry.lookup("PromptInjection", "input")
     if variant == "per-request":
@@ -143,7 +147,9 @@ async def load(engine: Any, texts: list[str], concurrency: int, duration: float,
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="tiny,minilm")
-    ap.add_argument("--variants", default="per-request,engine-torch,engine-onnx")
+    ap.add_argument(
+        "--variants", default="per-request,engine-torch,engine-onnx", help="also: engine-onnx-int8 (8-bit weights)"
+    )
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--duration", type=float, default=None, help="seconds measured per cell (default 2 tiny, 4 MiniLM)")
     ap.add_argument("--warmup", type=float, default=0.5)

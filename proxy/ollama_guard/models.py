@@ -85,6 +85,10 @@ def pull_models(settings: Settings, force: bool = False, only: list[str] | None 
 
             export_onnx(local, max_length=ref.max_length)
             print(f"  exported ONNX to {local}/onnx/model.onnx")
+            if ref.quantize == "int8":
+                from .scanning.onnx_export import quantize_int8
+
+                print(f"  quantized to {quantize_int8(local)}")
     print(f"pulled {pulled} model(s), {failures} failure(s)")
     return 1 if failures else 0
 

@@ -294,6 +294,53 @@ def test_onnx_gives_the_same_verdicts_as_torch(models: dict[str, Path], tmp_path
         assert np.allclose(x, y, atol=1e-4)
 
 
+def test_int8_onnx_gives_the_float32_verdicts_and_probabilities_within_a_few_thousandths(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    import shutil
+
+    import numpy as np
+    from ollama_guard.scanning.onnx_export import INT8_MAX_PROB_DIFF, onnx_path
+
+    model = Path(shutil.copytree(models["pi_trigger"], tmp_path / "pi_int8"))
+    float32 = batched("PromptInjection", model, onnx=True)
+    int8 = batched("PromptInjection", model, onnx=True, quantize="int8")  # quantized at first load
+    assert onnx_path(model, "int8").is_file()
+    assert int8.classifier is not float32.classifier
+    texts = MIXED + [LONG_TAIL]
+    assert [int8.scan(t) for t in texts] == [float32.scan(t) for t in texts]
+    for x, y in zip(float32.classifier.classify(texts), int8.classifier.classify(texts), strict=True):
+        px, py = batching._softmax(x), batching._softmax(y)
+        assert np.abs(px - py).max() <= INT8_MAX_PROB_DIFF
+
+
+def test_quantize_needs_onnx() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="onnx: true"):
+        ModelRef(path="m", quantize="int8")
+    assert ModelRef(path="m", onnx=True, quantize="int8").quantize == "int8"
+
+
+def test_quantize_on_a_scanner_the_engine_does_not_batch_is_a_load_error_not_a_float32_model(
+    models: dict[str, Path],
+) -> None:
+    from ollama_guard.scanning.policy import build_scanner
+    from ollama_guard.settings import load_settings
+
+    cfg = ScannerConfig(
+        type="PromptInjection",
+        params={"match_type": "sentence"},
+        model=ref(models["pi_always"], onnx=True, quantize="int8"),
+    )
+    settings = load_settings(overrides={}, environ={})
+    gs = build_scanner(cfg, "input", settings, lambda: CPU)
+    assert gs.instance is None
+    assert "quantize: int8" in gs.missing
+
+
 def test_cpu_passes_keep_short_rows_away_from_a_long_one(models: dict[str, Path]) -> None:
     clf = fresh_classifier(models["pi_always"], batch_size=8)
     rows = [[1] * 100, [1] * 10, [1] * 9, [1] * 10, [1] * 95]

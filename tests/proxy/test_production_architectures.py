@@ -106,6 +106,19 @@ def test_onnx_export_and_session_match_torch(models, stype, tmp_path):
 
 
 @pytest.mark.parametrize("stype", ["PromptInjection", "Toxicity"])
+def test_int8_quantized_onnx_gives_the_float32_verdicts(models, stype, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from ollama_guard.scanning.onnx_export import quantize_int8
+
+    model = Path(shutil.copytree(models[stype], tmp_path / "m"))
+    quantize_int8(model)  # exports the float32 file first
+    float32, int8 = ours(stype, model, onnx=True), ours(stype, model, onnx=True, quantize="int8")
+    for text in TEXTS + [LONG]:
+        a, b = float32.scan(text), int8.scan(text)
+        assert a[:2] == b[:2] and a[2] == pytest.approx(b[2], abs=0.011), text
+
+
+@pytest.mark.parametrize("stype", ["PromptInjection", "Toxicity"])
 def test_what_models_pull_downloads_is_enough_to_load(models, stype, tmp_path):
     from ollama_guard.models import PULL_PATTERNS
     from ollama_guard.scanning.policy import build_scanner

@@ -112,17 +112,27 @@ class OnnxBackend:
 
     kind = "onnx"
 
-    def __init__(self, model_dir: str, device: str = "cpu", threads: int | None = None, export: bool = True):
+    def __init__(
+        self,
+        model_dir: str,
+        device: str = "cpu",
+        threads: int | None = None,
+        export: bool = True,
+        quantize: str = "none",
+    ):
         from transformers import AutoConfig
 
-        from .onnx_export import export_onnx, make_session, onnx_path
+        from .onnx_export import export_onnx, make_session, onnx_path, quantize_int8
 
-        path = onnx_path(model_dir)
+        path = onnx_path(model_dir, quantize)
         if not path.is_file():
             if not export:
                 raise FileNotFoundError(f"no ONNX model at {path}: run `ollama-guard models pull --onnx`")
-            log.info("no ONNX model in %s yet: exporting it now", model_dir)
-            export_onnx(model_dir)
+            log.info("no ONNX model at %s yet: exporting it now", path)
+            if quantize == "int8":
+                quantize_int8(model_dir)
+            else:
+                export_onnx(model_dir)
         self.session = make_session(path, threads=threads, device=device)
         self.config = AutoConfig.from_pretrained(model_dir)
         self._inputs = {i.name for i in self.session.get_inputs()}
@@ -530,6 +540,7 @@ def shared_classifier(
     key = (
         os.path.realpath(model_dir),
         use_onnx,
+        getattr(ref, "quantize", "none") if use_onnx else "none",
         dev,
         fp16,
         ref.max_length,
@@ -546,7 +557,9 @@ def shared_classifier(
         tokenizer = AutoTokenizer.from_pretrained(model_dir, **(tokenizer_kwargs or {}))
         backend: Any
         if use_onnx:
-            backend = OnnxBackend(model_dir, device=dev, threads=getattr(device, "threads", None))
+            backend = OnnxBackend(
+                model_dir, device=dev, threads=getattr(device, "threads", None), quantize=ref.quantize
+            )
         else:
             backend = TorchBackend(model_dir, device=dev, fp16=fp16)
         clf = BatchedClassifier(

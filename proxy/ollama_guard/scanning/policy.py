@@ -300,6 +300,12 @@ def build_scanner(
         except Exception as exc:  # reported like a failed llm-guard load: never a silent pass
             gs.missing = f"failed to load: {type(exc).__name__}: {exc}"
             log.exception("scanner %s (%s) failed to load", gs.name, direction)
+        if gs.instance is None and not gs.missing and ref.quantize != "none":
+            # llm-guard's own classes load the float32 file: a quantize setting they would ignore is refused.
+            gs.missing = (
+                f"quantize: {ref.quantize} needs the batched engine, which does not serve {cfg.type} with these "
+                "params (see docs/SCAN_ENGINE.md)"
+            )
         if gs.instance is not None or gs.missing:
             gs.load_seconds = time.perf_counter() - started
             return gs
@@ -351,6 +357,8 @@ def _fingerprint(direction: str, scanners: list[GuardScanner], settings: Setting
                 "params": s.cfg.params,
                 "model": s.model_id,
                 "onnx": bool(s.cfg.model and s.cfg.model.onnx),
+                # only when set: the verdict cache keys of existing float32 policies stay as they were
+                **({"quantize": s.cfg.model.quantize} if s.cfg.model and s.cfg.model.quantize != "none" else {}),
             }
             for s in scanners
             if s.loaded

@@ -127,7 +127,7 @@ def quantize_int8(model_dir: str | os.PathLike[str]) -> Path:
     sessions = make_session(source, threads=1), make_session(tmp, threads=1)
     for text in check:
         enc = tokenizer([text], return_tensors="np")
-        feed = {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
+        feed = {name: enc[name].astype(np.int64) for name in INPUT_NAMES}
         a, b = (s.run(None, feed)[0][0] for s in sessions)
         pa, pb = np.exp(a - a.max()), np.exp(b - b.max())
         diff = max(diff, float(np.abs(pa / pa.sum() - pb / pb.sum()).max()))

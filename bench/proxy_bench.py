@@ -390,7 +390,8 @@ def main() -> None:
                 {
                     "type": "PromptInjection",
                     "params": {"threshold": 0.99},
-                    "model": {"path": str(model_dir), "onnx": args.onnx, "quantize": args.quantize},
+                    "model": {"path": str(model_dir), "onnx": args.onnx}
+                    | ({"quantize": args.quantize} if args.quantize != "none" else {}),
                 }
             ]
         if args.backend == "redis":

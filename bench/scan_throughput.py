@@ -91,8 +91,8 @@ def make_engine(variant: str, model_dir: Path, device: Any, batch_size: int, wai
     from ollama_guard.settings import ModelRef, ScannerConfig, load_settings
 
     onnx = variant.startswith("engine-onnx")  # engine-onnx, or engine-onnx-int8 (8-bit weights)
-    quantize = "int8" if variant == "engine-onnx-int8" else "none"
-    ref = ModelRef(path=str(model_dir), onnx=onnx, quantize=quantize, batch_size=batch_size, batch_wait_ms=wait_ms)
+    quantize = {"quantize": "int8"} if variant == "engine-onnx-int8" else {}  # unset: older trees have no key
+    ref = ModelRef(path=str(model_dir), onnx=onnx, batch_size=batch_size, batch_wait_ms=wait_ms, **quantize)
     cfg = ScannerConfig(type="PromptInjection", params={"threshold": 0.92}, model=ref)
     stype, _ = registry.lookup("PromptInjection", "input")
     if variant == "per-request":

@@ -316,6 +316,18 @@ def test_int8_onnx_gives_the_float32_verdicts_and_probabilities_within_a_few_tho
         assert np.abs(px - py).max() <= INT8_MAX_PROB_DIFF
 
 
+def test_onnx_sessions_do_not_spin_between_passes(models: dict[str, Path], tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    import shutil
+
+    from ollama_guard.scanning.onnx_export import export_onnx, make_session
+
+    model = Path(shutil.copytree(models["pi_always"], tmp_path / "pi_spin"))
+    session = make_session(export_onnx(model))
+    assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_quantize_needs_onnx() -> None:
     from pydantic import ValidationError
 

@@ -106,16 +106,21 @@ def test_onnx_export_and_session_match_torch(models, stype, tmp_path):
 
 
 @pytest.mark.parametrize("stype", ["PromptInjection", "Toxicity"])
-def test_int8_quantized_onnx_gives_the_float32_verdicts(models, stype, tmp_path):
+def test_int8_quantized_onnx_keeps_the_float32_probabilities(models, stype, tmp_path):
+    # Probabilities, not verdicts: these random-weight models score every text within 0.005 of 0.5, the
+    # threshold, so a verdict here would test the seed. test_batching.py compares verdicts on a decisive model.
     pytest.importorskip("onnxruntime")
-    from ollama_guard.scanning.onnx_export import quantize_int8
+    import numpy as np
+    from ollama_guard.scanning.onnx_export import INT8_MAX_PROB_DIFF, quantize_int8
 
     model = Path(shutil.copytree(models[stype], tmp_path / "m"))
     quantize_int8(model)  # exports the float32 file first
     float32, int8 = ours(stype, model, onnx=True), ours(stype, model, onnx=True, quantize="int8")
-    for text in TEXTS + [LONG]:
-        a, b = float32.scan(text), int8.scan(text)
-        assert a[:2] == b[:2] and a[2] == pytest.approx(b[2], abs=0.011), text
+    apply = batching._softmax if stype == "PromptInjection" else batching._sigmoid
+    texts = TEXTS + [LONG]
+    for x, y in zip(float32.classifier.classify(texts), int8.classifier.classify(texts), strict=True):
+        assert x.shape == y.shape
+        assert np.abs(apply(x) - apply(y)).max() <= INT8_MAX_PROB_DIFF
 
 
 @pytest.mark.parametrize("stype", ["PromptInjection", "Toxicity"])

@@ -91,9 +91,8 @@ def create_app(settings: Settings, policy: Policy | None = None) -> FastAPI:
                 await state.cache.close()
             if state.limiter:
                 await state.limiter.close()
-            for s in state.policy.all() if state.policy else []:
-                if s.stype.remote and s.loaded:
-                    await s.instance.close()
+            if state.policy:
+                await state.policy.aclose()
             state.engine.close()
 
     app = GuardApp(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None, title="ollama-guard")

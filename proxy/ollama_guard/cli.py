@@ -94,9 +94,12 @@ def cmd_scan(args: argparse.Namespace) -> int:
         return 3
 
     async def run() -> Any:
-        if args.output:
-            return await engine.scan_window(policy.active("output"), text, args.prompt or "")
-        return await engine.scan_window(policy.active("input"), text, direction="input")
+        try:
+            if args.output:
+                return await engine.scan_window(policy.active("output"), text, args.prompt or "")
+            return await engine.scan_window(policy.active("input"), text, direction="input")
+        finally:
+            await policy.aclose()  # the guard models' sessions belong to this loop
 
     verdict = asyncio.run(run())
     engine.close()

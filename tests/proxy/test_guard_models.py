@@ -207,6 +207,30 @@ def test_models_pull_has_ollama_pull_the_guard_models(tmp_path, upstream):
     assert pulls and pulls[-1]["body"]["model"] == "llama-guard3:1b"
 
 
+@pytest.mark.parametrize(
+    ("text", "verdict", "code"), [("What is a pod?", "ALLOWED", 0), ("GUARD-UNSAFE x", "BLOCKED", 1)]
+)
+def test_the_scan_command_asks_the_guard_model_and_closes_its_session(tmp_path, upstream, text, verdict, code):
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(
+        yaml.safe_dump({"ollama_url": upstream.url, "input_scanners": [guard("llama-guard")], "output_scanners": []})
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "ollama_guard.cli", "-c", str(cfg), "scan", text],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == code, out.stderr
+    assert f"verdict: {verdict}" in out.stdout
+    assert "Unclosed" not in out.stderr, out.stderr  # aiohttp's warning for a session left open
+
+
 @pytest.mark.parametrize("fault", ["no-answer", "http500-json", "garbage", "reset"])
 def test_a_guard_model_that_fails_like_a_real_upstream_fails_closed(start_proxy, upstream, fault):
     # The guard call carries the prompt, so FAULT:<name> in it makes the fake Ollama fail that call.

@@ -170,6 +170,12 @@ class Policy:
     def all(self) -> list[GuardScanner]:
         return self.input + self.output
 
+    async def aclose(self) -> None:
+        """Close the HTTP sessions of the scanners served by Ollama (guard models), on the loop that used them."""
+        for s in self.all():
+            if s.stype.remote and s.loaded:
+                await s.instance.close()
+
     def missing_required(self) -> list[GuardScanner]:
         """The required scanners that are not loaded. Do not modify."""
         return self._derived(  # type: ignore[no-any-return]

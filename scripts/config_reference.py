@@ -31,8 +31,9 @@ def _default(field: Any) -> str:
         if isinstance(value, BaseModel):
             return "(section)"
         return f"`{value!r}`" if value not in ([], {}) else f"`{value}`"
-    value = field.default
-    return "required" if value is ... else f"`{value!r}`"
+    if field.is_required():
+        return "required"
+    return f"`{field.default!r}`"
 
 
 def rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
@@ -43,7 +44,8 @@ def rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, 
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             out += rows(ann, key + ".")
             continue
-        out.append((key, _type(ann), _default(field), (field.description or "").replace("|", "\\|")))
+        notes = " ".join((field.description or "").split())  # one table row: a docstring's lines joined
+        out.append((key, _type(ann), _default(field), notes.replace("|", "\\|")))
     return out
 
 
@@ -70,6 +72,16 @@ def render() -> str:
     from ollama_guard.settings import ScannerConfig
 
     lines += [f"| `{k}` | `{t}` | {d} | {n} |" for k, t, d, n in rows(ScannerConfig)]
+    from ollama_guard.settings import ModelRef
+
+    lines += [
+        "",
+        "A model scanner's `model` (docs/SCAN_ENGINE.md):",
+        "",
+        "| key | type | default | notes |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| `{k}` | `{t}` | {d} | {n} |" for k, t, d, n in rows(ModelRef)]
     lines += ["", "## The original proxy's flat keys", "", "| flat key | same as |", "|---|---|"]
     lines += [f"| `{flat}` | `{section}.{key}` |" for flat, (section, key) in LEGACY_KEYS.items()]
     lines += ["", "## Environment variables", "", "| variable | key |", "|---|---|"]

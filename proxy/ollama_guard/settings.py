@@ -32,16 +32,20 @@ class ModelRef(_Section):
     path: str = Field(description="Directory under models_path (or absolute) holding the weights.")
     hf_repo: str | None = Field(None, description="Hugging Face repo that `models pull` downloads from.")
     revision: str | None = None
+    """The repo revision `models pull` downloads (branch, tag or commit)."""
     onnx: bool = False
-    # int8: run the ONNX model with 8-bit weights (onnx_export.quantize_int8): ~2.5x faster on a CPU, with
-    # probabilities a few thousandths off the float32 model's. Needs onnx: true.
+    """Run the model on ONNX Runtime (`<path>/onnx/model.onnx`, exported at first load if missing)."""
     quantize: Literal["none", "int8"] = "none"
+    """`int8`: 8-bit weights (`<path>/onnx/model.int8.onnx`), ~2.5x faster on a CPU, probabilities a few
+    thousandths off float32's. Needs `onnx: true`."""
     max_length: int = Field(512, ge=8, le=8192)
-    # Cross-request batching: up to batch_size concurrent texts share one forward pass, waiting at most
-    # batch_wait_ms for company. Long texts are split into windows so the whole text is seen.
+    """Tokens per window, special tokens included (capped at the tokenizer's own limit)."""
     batch_size: int = Field(16, ge=1, le=512)
+    """Cross-request batching: at most this many concurrent texts (and rows) share one forward pass."""
     batch_wait_ms: float = Field(2.0, ge=0, le=100)
+    """The longest a batch waits for company, counted from its first request's arrival."""
     windows: Literal["head_tail", "chunks", "truncate"] = "head_tail"
+    """What a text longer than one window is scanned as: its first and last window, every window, or the first."""
 
     @model_validator(mode="after")
     def _quantize_needs_onnx(self) -> ModelRef:

@@ -7,7 +7,9 @@ no parsing) and the proxy (`ollama-guard serve`, one worker), then drives them w
   (a per-run nonce, the thread's number and a counter lead every prompt), so every request is scanned;
 at concurrency 1 and 16. Each proxy cell prints the verdict-cache hits and misses it caused (from /stats); a
 unique cell with more than 1 % hits says so. Also the time to the first streamed chunk, the proxy's CPU per
-1,000 streamed characters, and idle memory. Every proxy figure is also given as a ratio to the pass-through
+1,000 streamed characters, idle memory, and (without --model) cache hits on a two-worker proxy against the
+one-worker one, with the CPU per request of the proxy, the fake Ollama and wrk, which on a small machine
+bound what any number of workers can reach. Every proxy figure is also given as a ratio to the pass-through
 measured in the same run: absolute numbers differ up to 4x between machines, ratios do not. Never asserts.
 
     .venv/bin/python bench/proxy_bench.py [--duration 8] [--rounds 3] [--backend memory|redis]
@@ -100,6 +102,56 @@ def wait_http(url: str, timeout: float = 120) -> None:
 def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
     """The run with the median requests/s (the lower middle one of an even count), whole: its latencies too."""
     return sorted(runs, key=lambda r: r["rps"])[(len(runs) - 1) // 2]
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a process and its children (uvicorn's workers)."""
+    import psutil
+
+    total = 0.0
+    try:
+        proc = psutil.Process(pid)
+        for q in [proc, *proc.children(recursive=True)]:
+            t = q.cpu_times()
+            total += t.user + t.system
+    except psutil.NoSuchProcess:
+        pass
+    return total
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's finished children (wrk, run to completion by `wrk()`)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def worker_scaling(
+    one: tuple[str, int], two: tuple[str, int], upstream_pid: int, script: Path, duration: int, rounds: int
+) -> dict[str, float]:
+    """Cache hits at c=16 on a one-worker and a two-worker proxy, in turns (median run each), and the CPU each
+    request took in the one-worker runs: the proxy's, the fake Ollama's and wrk's. On a machine whose cores
+    also run the load generator and the upstream, `cores / (their sum)` bounds what any number of workers
+    can reach."""
+    runs: dict[int, list[dict[str, float]]] = {1: [], 2: []}
+    cpu = {"proxy": 0.0, "fake Ollama": 0.0, "wrk": 0.0}
+    served = 0.0
+    for _ in range(rounds):
+        for n, (url, pid) in ((1, one), (2, two)):
+            p0, u0, w0 = process_cpu(pid), process_cpu(upstream_pid), children_cpu()
+            cell = wrk(url + "/api/chat", script, 16, duration)
+            runs[n].append(cell)
+            if n == 1:
+                cpu["proxy"] += process_cpu(pid) - p0
+                cpu["fake Ollama"] += process_cpu(upstream_pid) - u0
+                cpu["wrk"] += children_cpu() - w0
+                served += cell["rps"] * duration
+    one_rps, two_rps = median_run(runs[1])["rps"], median_run(runs[2])["rps"]
+    per_request = {k: v / served for k, v in cpu.items()}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    ceiling = cores / sum(per_request.values())
+    return {"one": one_rps, "two": two_rps, "cores": cores, "ceiling": ceiling, **per_request}
 
 
 def wrk(url: str, script: Path, conns: int, duration: int) -> dict[str, float]:
@@ -421,11 +473,24 @@ def main() -> None:
                 env=env,
             )
         )
+        two_port = free_port()
+        if not args.model:  # a second copy of a model per worker would only measure the model twice
+            procs.append(
+                subprocess.Popen(
+                    [PY, "-m", "ollama_guard.cli", "-c", str(cfg), "serve", "--workers", "2", "--port", str(two_port)]
+                    + ["--ollama-url", f"http://127.0.0.1:{up_port}"],
+                    env=env,
+                )
+            )
+            two_proc = procs[-1]
+            procs.append(procs.pop(-2))  # procs[-1] stays the one-worker proxy, which the cells measure
         direct, proxy = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{px_port}"
         passthrough = f"http://127.0.0.1:{pt_port}"
         wait_http(direct + "/")
         wait_http(passthrough + "/api/tags")
         wait_http(proxy + "/ready")
+        if not args.model:
+            wait_http(f"http://127.0.0.1:{two_port}/ready")
         time.sleep(1.0)
         import psutil
 
@@ -460,6 +525,17 @@ def main() -> None:
             cells = {name: median_run(r) for name, r in runs.items()}
             rows.append((conns, d, cells["hit"], cells["unique"], cells["pt"]))
         st = httpx.get(proxy + "/stats").json()
+        scaling_w = None
+        if not args.model:
+            httpx.post(f"http://127.0.0.1:{two_port}/api/chat", content=SAME_BODY)  # warm its caches
+            scaling_w = worker_scaling(
+                (proxy, procs[-1].pid),
+                (f"http://127.0.0.1:{two_port}", two_proc.pid),
+                procs[0].pid,
+                same,
+                args.duration,
+                args.rounds,
+            )
         t_direct, t_pass, t_proxy = ttfc([direct, passthrough, proxy])
         v_direct, v_proxy = ttfv(direct), ttfv(proxy)
         cpu_pass = stream_cpu(passthrough, passthrough_proc.pid)
@@ -516,6 +592,15 @@ def main() -> None:
                 f"({(p - d) / n * 1000:.2f} ms added per 1,000 chars)"
             )
         print(f"cache hit rate {st['cache']['hit_rate']:.3f}; idle RSS with the default-style policy {rss_idle:.0f} MB")
+        if scaling_w is not None:
+            w = scaling_w
+            print(
+                f"two workers, cache hit c=16: one worker {w['one']:.0f} rps, two {w['two']:.0f} rps "
+                f"({w['two'] / w['one']:.2f}x); CPU per request (one worker): proxy {w['proxy'] * 1e6:.0f} us, "
+                f"fake Ollama {w['fake Ollama'] * 1e6:.0f} us, wrk {w['wrk'] * 1e6:.0f} us -> on "
+                f"{w['cores']} cores shared with them, no number of workers passes {w['ceiling']:.0f} rps "
+                f"({w['ceiling'] / w['one']:.2f}x)"
+            )
         if args.model:
             report_model(args, model_dir, model_cells)
     finally:

@@ -133,6 +133,10 @@ class OnnxBackend:
                 quantize_int8(model_dir)
             else:
                 export_onnx(model_dir)
+        if quantize == "int8" and device != "cpu":
+            # ONNX Runtime's dynamic-quantization operators (DynamicQuantizeLinear, MatMulInteger) have CPU
+            # kernels; on another device those nodes fall back to the CPU, with copies around each.
+            log.warning("%s: quantize: int8 is a CPU setting; on %s use the float32 model", model_dir, device)
         self.session = make_session(path, threads=threads, device=device)
         self.config = AutoConfig.from_pretrained(model_dir)
         self._inputs = {i.name for i in self.session.get_inputs()}

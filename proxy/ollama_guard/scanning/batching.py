@@ -134,8 +134,8 @@ class OnnxBackend:
             else:
                 export_onnx(model_dir)
         if quantize == "int8" and device != "cpu":
-            # ONNX Runtime's dynamic-quantization operators (DynamicQuantizeLinear, MatMulInteger) have CPU
-            # kernels; on another device those nodes fall back to the CPU, with copies around each.
+            # ONNX Runtime's dynamic quantization is meant for CPUs (its quantization guide points GPUs to
+            # static QDQ models): on a GPU provider, nodes without a kernel there fall back to the CPU.
             log.warning("%s: quantize: int8 is a CPU setting; on %s use the float32 model", model_dir, device)
         self.session = make_session(path, threads=threads, device=device)
         self.config = AutoConfig.from_pretrained(model_dir)

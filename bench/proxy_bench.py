@@ -104,21 +104,6 @@ def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
     return sorted(runs, key=lambda r: r["rps"])[(len(runs) - 1) // 2]
 
 
-def process_cpu(pid: int) -> float:
-    """CPU seconds (user + system) used so far by a process and its children (uvicorn's workers)."""
-    import psutil
-
-    total = 0.0
-    try:
-        proc = psutil.Process(pid)
-        for q in [proc, *proc.children(recursive=True)]:
-            t = q.cpu_times()
-            total += t.user + t.system
-    except psutil.NoSuchProcess:
-        pass
-    return total
-
-
 def children_cpu() -> float:
     """CPU seconds of this process's finished children (wrk, run to completion by `wrk()`)."""
     import resource
@@ -139,12 +124,12 @@ def worker_scaling(
     served = 0.0
     for _ in range(rounds):
         for n, (url, pid) in ((1, one), (2, two)):
-            p0, u0, w0 = process_cpu(pid), process_cpu(upstream_pid), children_cpu()
+            p0, u0, w0 = cpu_seconds(pid), cpu_seconds(upstream_pid), children_cpu()
             cell = wrk(url + "/api/chat", script, 16, duration)
             runs[n].append(cell)
             if n == 1:
-                cpu["proxy"] += process_cpu(pid) - p0
-                cpu["fake Ollama"] += process_cpu(upstream_pid) - u0
+                cpu["proxy"] += cpu_seconds(pid) - p0
+                cpu["fake Ollama"] += cpu_seconds(upstream_pid) - u0
                 cpu["wrk"] += children_cpu() - w0
                 served += cell["rps"] * duration
     one_rps, two_rps = median_run(runs[1])["rps"], median_run(runs[2])["rps"]
@@ -241,10 +226,11 @@ def ttfv(url: str, n: int = 15, tokens_per_s: float = 30.0) -> float:
 
 
 def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a process and its children (uvicorn's workers)."""
     import psutil
 
-    t = psutil.Process(pid).cpu_times()
-    return float(t.user + t.system)
+    proc = psutil.Process(pid)
+    return float(sum(t.user + t.system for t in (q.cpu_times() for q in [proc, *proc.children(recursive=True)])))
 
 
 def stream_cpu(url: str, pid: int, chars: int = 16_000, repeat: int = 20) -> float:
@@ -456,6 +442,15 @@ def main() -> None:
             )
             policy["redis"] = {"url": f"redis://127.0.0.1:{rport}/0"}
         cfg.write_text(yaml.safe_dump(policy))
+        two_port = free_port()
+        if not args.model:  # a second copy of a model per worker would only measure the model twice
+            two_proc = subprocess.Popen(
+                [PY, "-m", "ollama_guard.cli", "-c", str(cfg), "serve", "--workers", "2", "--port", str(two_port)]
+                + ["--ollama-url", f"http://127.0.0.1:{up_port}"],
+                env=env,
+            )
+            procs.append(two_proc)
+        # Last in `procs`: the one-worker proxy, which the cells measure (procs[-1]).
         procs.append(
             subprocess.Popen(
                 [
@@ -473,17 +468,6 @@ def main() -> None:
                 env=env,
             )
         )
-        two_port = free_port()
-        if not args.model:  # a second copy of a model per worker would only measure the model twice
-            procs.append(
-                subprocess.Popen(
-                    [PY, "-m", "ollama_guard.cli", "-c", str(cfg), "serve", "--workers", "2", "--port", str(two_port)]
-                    + ["--ollama-url", f"http://127.0.0.1:{up_port}"],
-                    env=env,
-                )
-            )
-            two_proc = procs[-1]
-            procs.append(procs.pop(-2))  # procs[-1] stays the one-worker proxy, which the cells measure
         direct, proxy = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{px_port}"
         passthrough = f"http://127.0.0.1:{pt_port}"
         wait_http(direct + "/")

@@ -544,7 +544,7 @@ def shared_classifier(
     key = (
         os.path.realpath(model_dir),
         use_onnx,
-        getattr(ref, "quantize", "none") if use_onnx else "none",
+        ref.quantize if use_onnx else "none",
         dev,
         fp16,
         ref.max_length,

@@ -110,6 +110,8 @@ def quantize_int8(model_dir: str | os.PathLike[str]) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from transformers import AutoTokenizer
 
+    from .batching import _sigmoid, _softmax
+
     model_dir = Path(model_dir)
     source = onnx_path(model_dir)
     if not source.is_file():
@@ -129,10 +131,8 @@ def quantize_int8(model_dir: str | os.PathLike[str]) -> Path:
         enc = tokenizer([text], return_tensors="np")
         feed = {name: enc[name].astype(np.int64) for name in INPUT_NAMES}
         a, b = (s.run(None, feed)[0][0].astype(np.float64) for s in sessions)
-        pa, pb = np.exp(a - a.max()), np.exp(b - b.max())
-        softmax = np.abs(pa / pa.sum() - pb / pb.sum()).max()
-        sigmoid = np.abs(1 / (1 + np.exp(-a)) - 1 / (1 + np.exp(-b))).max()
-        diff = max(diff, float(softmax), float(sigmoid))
+        for apply in (_softmax, _sigmoid):  # as single-label and multi-label models read their logits
+            diff = max(diff, float(np.abs(apply(a) - apply(b)).max()))
     if diff > INT8_MAX_PROB_DIFF:
         tmp.unlink(missing_ok=True)
         raise RuntimeError(

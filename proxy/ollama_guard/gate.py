@@ -81,7 +81,8 @@ class Gate:
                 else "other"
             )
         )
-        dialect = dialect_of(path) if label not in PROBES else "other"
+        dialect = dialect_of(path)
+        metrics_dialect = dialect if label not in PROBES else "other"
 
         async def send_wrapped(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -99,7 +100,7 @@ class Gate:
 
         st.metrics.in_flight.inc()
         try:
-            denial = None if path in PROBES else await self._check(scope, headers, path, extra)
+            denial = None if path in PROBES else await self._check(scope, headers, path, dialect, extra)
             if denial is not None:
                 response, decision = denial
                 outcome["decision"] = decision
@@ -118,17 +119,16 @@ class Gate:
             elapsed = time.perf_counter() - started
             if st.settings.metrics_enabled:
                 m = st.metrics
-                m.child(m.requests, label, dialect, str(outcome["status"]), outcome["decision"]).inc()
-                m.child(m.request_seconds, label, dialect).observe(elapsed)
+                m.child(m.requests, label, metrics_dialect, str(outcome["status"]), outcome["decision"]).inc()
+                m.child(m.request_seconds, label, metrics_dialect).observe(elapsed)
             if label not in PROBES:
                 st.stats.request(int(outcome["status"]), str(outcome["decision"]), elapsed * 1000.0)
             request_id.reset(token)
 
     async def _check(
-        self, scope: Scope, headers: dict[bytes, bytes], path: str, extra: list[tuple[bytes, bytes]]
+        self, scope: Scope, headers: dict[bytes, bytes], path: str, dialect: str, extra: list[tuple[bytes, bytes]]
     ) -> tuple[Response, str] | None:
         st = self.state
-        dialect = dialect_of(path)
         peer = scope.get("client")
         xff = headers.get(b"x-forwarded-for")
         ip = self.client_ip.resolve(peer[0] if peer else None, xff.decode("latin-1") if xff else None)

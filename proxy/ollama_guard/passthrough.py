@@ -79,4 +79,4 @@ class PassThrough:
         headers = forward_headers(request.headers.items(), drop)
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         resp = await st.upstream.open(request.method, path, headers, body)
-        return stream_response(raw_relay(resp), resp.status, response_headers(resp.headers))
+        return stream_response(raw_relay(resp), resp.status, response_headers(resp.raw_headers))

@@ -107,10 +107,16 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _guard_headers(decision: str, fired: list[str], *groups: tuple[str, Sequence[Verdict]]) -> list[tuple[str, str]]:
-    """X-Guard-Decision, and X-Guard-Scanners when anything was scanned."""
+def _guard_headers(
+    decision: str, fired: list[str], *groups: tuple[str, Sequence[Verdict]]
+) -> list[tuple[bytes, bytes]]:
+    """X-Guard-Decision, and X-Guard-Scanners when anything was scanned (ASGI raw pairs)."""
+    _, value = decision_header(decision, sorted(set(fired)) if fired else [])
+    out = [(b"x-guard-decision", value.encode("latin-1"))]
     sh = scan_header(*groups)
-    return [decision_header(decision, sorted(set(fired)))] + ([sh] if sh else [])
+    if sh:
+        out.append((b"x-guard-scanners", sh[1].encode("latin-1")))
+    return out
 
 
 class GuardedRoutes:
@@ -210,7 +216,7 @@ class GuardedRoutes:
         if req.stream and resp.status == 200 and resp.headers.get("Content-Encoding") is None:
             watch.close()  # the streaming response watches for the client itself
             guard_headers = _guard_headers(decision, fired, ("input", in_verdicts))
-            up_headers = response_headers(resp.headers)
+            up_headers = response_headers(resp.raw_headers)
             if not out_on:  # no output scanner: the stream is relayed as it comes (nothing to scan)
                 self._audit(request, req, decision, fired, in_verdicts, [], resp.status, started, output_guard=False)
                 return stream_response(raw_relay(resp), resp.status, up_headers + guard_headers)
@@ -237,7 +243,7 @@ class GuardedRoutes:
             return self._client_gone(request, req, fired, in_verdicts, started)
         finally:
             resp.release()
-        up_headers = response_headers(resp.headers)
+        up_headers = response_headers(resp.raw_headers)
         if resp.headers.get("Content-Encoding"):
             raise UpstreamError(502, "protocol", "Ollama sent a compressed body to a guarded route")
         if resp.status != 200:
@@ -321,7 +327,9 @@ class GuardedRoutes:
                 return (await engine.scan_many("output", [text], prompt=prompt, vault=vault))[0]
             return await engine.scan_window(side, text, prompt, vault)
 
-        if len(targets) == 1:  # the common case: no task for a gather of one
+        if len(targets) == 1 and targets[0][0] == CONTENT:  # the common case: the answer's text alone
+            verdicts = await engine.scan_many("output", [targets[0][1]], prompt=prompt, vault=vault)
+        elif len(targets) == 1:  # no task for a gather of one
             verdicts = [await scan(*targets[0])]
         else:
             verdicts = list(await asyncio.gather(*(scan(ch, t) for ch, t in targets)))

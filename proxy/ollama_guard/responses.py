@@ -21,8 +21,10 @@ def dialect_of(path: str) -> str:
     return OPENAI if path.startswith("/v1/") else OLLAMA
 
 
-def _raw_headers(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
-    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+def _raw_headers(headers: Sequence[tuple[str, str] | tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """ASGI's raw headers (lower-case latin-1 bytes) from (name, value) pairs given as str, or as raw bytes already
+    (Ollama's headers, the guard's own: passed as they are)."""
+    return [h if type(h[0]) is bytes else (h[0].lower().encode("latin-1"), h[1].encode("latin-1")) for h in headers]  # type: ignore[union-attr,misc]
 
 
 class _Prepared(Response):
@@ -40,21 +42,22 @@ class _Prepared(Response):
         await send({"type": "http.response.body", "body": self.body})
 
 
-def make_response(body: bytes, status: int, headers: list[tuple[str, str]], media_type: str | None = None) -> Response:
-    """`body` with `headers` (a `media_type` replaces any Content-Type among them); Content-Length set."""
-    raw = [(b"content-length", str(len(body)).encode())]
-    if media_type is not None:
+def make_response(
+    body: bytes, status: int, headers: Sequence[tuple[str, str] | tuple[bytes, bytes]], media_type: str | None = None
+) -> Response:
+    """`body` with `headers` (str or raw pairs; a `media_type` replaces any Content-Type among them); Content-Length
+    set."""
+    raw = [(b"content-length", b"%d" % len(body))]
+    if media_type is None:
+        raw += [h for h in _raw_headers(headers) if h[0] != b"content-length"]
+    else:
         raw.append((b"content-type", media_type.encode("latin-1")))
-    raw.extend(
-        h
-        for h in _raw_headers(headers)
-        if h[0] != b"content-length" and (media_type is None or h[0] != b"content-type")
-    )
+        raw += [h for h in _raw_headers(headers) if h[0] != b"content-length" and h[0] != b"content-type"]
     return _Prepared(body, status, raw)
 
 
 def error_response(
-    dialect: str, status: int, message: str, code: str, extra: Sequence[tuple[str, str]] = ()
+    dialect: str, status: int, message: str, code: str, extra: Sequence[tuple[str, str] | tuple[bytes, bytes]] = ()
 ) -> Response:
     etype = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
         status, "invalid_request_error" if status < 500 else "api_error"
@@ -202,7 +205,9 @@ class _DisconnectAwareStreamingResponse(StreamingResponse):
             pass  # the body iterator's `finally` closed the upstream connection; nobody to send to
 
 
-def stream_response(gen: Any, status: int, headers: list[tuple[str, str]], media_type: str | None = None) -> Response:
+def stream_response(
+    gen: Any, status: int, headers: Sequence[tuple[str, str] | tuple[bytes, bytes]], media_type: str | None = None
+) -> Response:
     r = _DisconnectAwareStreamingResponse(gen, status_code=status, media_type=media_type)
     r.raw_headers = [h for h in r.raw_headers if h[0] == b"content-type"] + [
         h for h in _raw_headers(headers) if h[0] != b"content-type" or media_type is None

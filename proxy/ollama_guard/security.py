@@ -39,6 +39,14 @@ def _addr(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return addr
 
 
+@functools.lru_cache(maxsize=4096)
+def _peer(value: str) -> str:
+    """The address in `value` written the standard way (IPv4-mapped IPv6 as IPv4), or `value` itself when it is
+    not an address (a Unix socket's name). Cached: the same peers come back."""
+    addr = _addr(value)
+    return value if addr is None else str(addr)
+
+
 class ClientIP:
     def __init__(self, trusted_proxies: list[str]):
         self.trusted = _nets(trusted_proxies)
@@ -47,10 +55,14 @@ class ClientIP:
         return any(addr.version == n.version and addr in n for n in self.trusted)
 
     def resolve(self, peer: str | None, forwarded_for: str | None) -> str:
-        addr = _addr(peer) if peer else None
+        if not peer:
+            return "unknown"
+        if not self.trusted or not forwarded_for:
+            return _peer(peer)
+        addr = _addr(peer)
         if addr is None:
-            return peer or "unknown"
-        if not self.trusted or not forwarded_for or not self._is_trusted(addr):
+            return peer
+        if not self._is_trusted(addr):
             return str(addr)
         for hop in reversed(forwarded_for.split(",")):
             hop_addr = _addr(hop)

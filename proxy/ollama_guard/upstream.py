@@ -7,7 +7,7 @@ concurrency where httpx's collapses, and it is already a dependency of kopf.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import aiohttp
 
@@ -56,9 +56,19 @@ def forward_headers(headers: Iterable[tuple[str, str]], drop: frozenset[str] = f
     return out
 
 
-def response_headers(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    items = headers.items() if isinstance(headers, Mapping) else headers
-    return [(k, v) for k, v in items if k.lower() not in HOP_BY_HOP]
+_HOP_BY_HOP_RAW = frozenset(h.encode("latin-1") for h in HOP_BY_HOP)
+
+
+def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Ollama's response headers as they go on to the client: ASGI raw pairs (names lower-cased), the hop-by-hop
+    ones and Content-Length (the proxy sets its own) left out. `raw` is aiohttp's `ClientResponse.raw_headers`:
+    bytes as received, so a value that is not latin-1 text passes as it came instead of failing to encode."""
+    out = []
+    for k, v in raw:
+        k = k.lower()
+        if k not in _HOP_BY_HOP_RAW:
+            out.append((k, v))
+    return out
 
 
 class Upstream:

@@ -297,3 +297,17 @@ def test_a_cookie_ollama_sets_for_one_client_never_goes_out_with_another_clients
     sent = [r for r in upstream.requests[before:] if "a second client asks" in str(r["body"])]
     assert sent, "the second request reached Ollama"
     assert "Cookie" not in sent[0]["headers"] and "cookie" not in {k.lower() for k in sent[0]["headers"]}
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
+def test_an_ollama_header_that_is_not_latin1_text_reaches_the_client_as_it_came(proxy, path: str) -> None:
+    # A gateway in front of Ollama may send a header value in UTF-8; HTTP allows any octets there
+    # (RFC 9110 section 5.5). The proxy relays the bytes; it used to fail encoding them as latin-1 (a 503).
+    from ollama_guard.testing.fake_ollama import UTF8_NOTE
+
+    r = httpx.post(proxy.url + path, json=ROUTES[path]("FAULT:utf8-header hello", False), timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.headers.raw  # httpx keeps the raw bytes
+    raw = dict((k.lower(), v) for k, v in r.headers.raw)
+    assert raw[b"x-gateway-note"] == UTF8_NOTE.encode()
+    assert r.headers["x-guard-decision"] == "allowed"

@@ -241,6 +241,7 @@ class ScanEngine:
         self._groups = {d: self._split(d) for d in ("input", "output")}
         self._inline_chars = settings.scan_inline_max_chars
         self._order = {s.name: i for i, s in enumerate(policy.all())}  # results are reported in config order
+        self._key_bases: dict[tuple[str, str], Any] = {}
 
     def _split(self, direction: str) -> _Plan:
         return _Plan.of(self.policy.active(direction))
@@ -252,9 +253,16 @@ class ScanEngine:
         return bool(self.policy.active(direction))
 
     def cache_key(self, direction: str, text: str, prompt: str = "") -> str:
-        h = hashlib.blake2b(digest_size=20)
-        h.update(self.policy.fingerprints[direction].encode())
-        h.update(b"\x00" + direction.encode() + b"\x00")
+        """40 hex digits: BLAKE2b-160 of the policy's fingerprint for `direction`, the direction, the prompt
+        (output scanners that compare an answer with it) and the text."""
+        fingerprint = self.policy.fingerprints[direction]
+        base = self._key_bases.get((direction, fingerprint))
+        if base is None:  # the hash state of the key's fixed start, copied for each key
+            base = hashlib.blake2b(digest_size=20)
+            base.update(fingerprint.encode())
+            base.update(b"\x00" + direction.encode() + b"\x00")
+            self._key_bases[(direction, fingerprint)] = base
+        h = base.copy()
         if direction == "output" and self.policy.prompt_dependent():
             h.update(prompt.encode("utf-8", "surrogatepass") + b"\x00")
         h.update(text.encode("utf-8", "surrogatepass"))

@@ -167,6 +167,13 @@ class Policy:
             direction, lambda: [s for s in (self.input if direction == "input" else self.output) if s.loaded]
         )
 
+    def side_output(self) -> list[GuardScanner]:
+        """The loaded output scanners that also watch a model's thinking and its tool-call arguments (all but
+        the answer-only ones). Do not modify."""
+        return self._derived(  # type: ignore[no-any-return]
+            "side", lambda: [s for s in self.active("output") if not s.stype.answer_only]
+        )
+
     def all(self) -> list[GuardScanner]:
         return self.input + self.output
 

@@ -233,5 +233,5 @@ class StreamGuard:
 
 
 def side_scanners(engine: ScanEngine) -> list[GuardScanner]:
-    """The output scanners that also watch a model's thinking and its tool-call arguments."""
-    return [s for s in engine.policy.active("output") if not s.stype.answer_only]
+    """The output scanners that also watch a model's thinking and its tool-call arguments. Do not modify."""
+    return engine.policy.side_output()

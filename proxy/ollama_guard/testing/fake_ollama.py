@@ -119,7 +119,9 @@ FAULTS = {
     "empty": "HTTP 200 with an empty body",
     "gzip-lie": "HTTP 200 claiming Content-Encoding: gzip, with a plain body",
     "set-cookie": "the normal answer with a Set-Cookie, as an auth gateway in front of Ollama sends one",
+    "utf8-header": "the normal answer with a header whose value is UTF-8 text, not latin-1 (X-Gateway-Note)",
 }
+UTF8_NOTE = "caf\u00e9 \u2615 \u0441\u0435\u0440\u0432\u0435\u0440"  # sent as its UTF-8 bytes
 _FAULT_RE = re.compile(rb"FAULT:([a-z0-9-]+)")
 
 
@@ -136,6 +138,10 @@ async def faults(request: web.Request, handler: Any) -> web.StreamResponse:
     if name == "set-cookie":
         answer = await handler(request)
         answer.set_cookie("gateway_session", "SESSION-OF-ONE-USER", path="/")
+        return answer
+    if name == "utf8-header":
+        answer = await handler(request)
+        answer.headers["X-Gateway-Note"] = UTF8_NOTE
         return answer
     transport = request.transport
     assert transport is not None

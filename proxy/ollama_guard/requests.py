@@ -108,13 +108,15 @@ class Validator:
         self.scan_tool_definitions = settings.scan_tool_definitions
         self.allow_context = settings.allow_generate_context
 
-    def _text(self, value: Any, what: str) -> str:
+    def _text(self, value: Any, what: str, index: int | None = None) -> str:
+        """`value`, which must be a string of at most `limits.max_prompt_chars` characters; raises BadRequest
+        naming `what` (with `index` in place of its `{}`) otherwise."""
+        if isinstance(value, str) and len(value) <= self.limits.max_prompt_chars:
+            return value
+        if index is not None:
+            what = what.format(index)
         _expect(isinstance(value, str), f"{what} must be a string")
-        _expect(
-            len(value) <= self.limits.max_prompt_chars,
-            f"{what} is longer than {self.limits.max_prompt_chars} characters",
-        )
-        return value
+        raise BadRequest(f"{what} is longer than {self.limits.max_prompt_chars} characters")
 
     def parse(self, raw: bytes, route: Route) -> GuardedRequest:
         body = canonical_body(parse_json(raw, route), route)
@@ -137,15 +139,16 @@ class Validator:
         messages = req.body.get("messages", None if required else [])
         if not isinstance(messages, list) or (required and not messages):
             raise BadRequest("messages must be a non-empty list" if required else "messages must be a list")
-        _expect(
-            len(messages) <= self.limits.max_messages,
-            f"too many messages: at most {self.limits.max_messages}",
-        )
+        if len(messages) > self.limits.max_messages:
+            raise BadRequest(f"too many messages: at most {self.limits.max_messages}")
         out = []
+        # The checks run on every message of a conversation's history: the messages are formatted only when one fails.
         for i, m in enumerate(messages):
-            _expect(isinstance(m, dict), f"messages[{i}] must be an object")
+            if not isinstance(m, dict):
+                raise BadRequest(f"messages[{i}] must be an object")
             role = m.get("role")
-            _expect(isinstance(role, str) and role in _ROLES, f"messages[{i}].role is not a valid role")
+            if not (isinstance(role, str) and role in _ROLES):
+                raise BadRequest(f"messages[{i}].role is not a valid role")
             out.append((i, m, role))
         return out
 
@@ -221,7 +224,7 @@ class Validator:
         self._tool_descriptions(req)
         for i, m, role in self._messages(req, required=False):
             if m.get("content") is not None:
-                self._text(m["content"], f"messages[{i}].content")
+                self._text(m["content"], "messages[{}].content", i)
                 if role in self.scan_roles:
                     req.targets.append(Target(m, "content", role, f"messages[{i}].content"))
             elif role in self.scan_roles and not m.get("tool_calls"):
@@ -294,7 +297,7 @@ class Validator:
                 )
                 continue
             if isinstance(content, str):
-                self._text(content, f"messages[{i}].content")
+                self._text(content, "messages[{}].content", i)
                 if role in self.scan_roles:
                     req.targets.append(Target(m, "content", role, f"messages[{i}].content"))
                 continue

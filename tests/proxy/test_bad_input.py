@@ -29,7 +29,7 @@ CASES = [
         "content wrong type",
         b'{"model": "m", "messages": [{"role": "user", "content": 5}]}',
         400,
-        "must be a string",
+        "messages[0].content must be a string",
     ),
     ("bad role", b'{"model": "m", "messages": [{"role": "wizard", "content": "x"}]}', 400, "role"),
     (
@@ -48,7 +48,7 @@ CASES = [
         "prompt too long",
         b'{"model": "m", "messages": [{"role": "user", "content": "' + b"a" * 1001 + b'"}]}',
         400,
-        "longer than 1000",
+        "messages[0].content is longer than 1000",
     ),
     (
         "body too large",

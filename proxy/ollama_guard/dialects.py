@@ -109,8 +109,10 @@ def _key(route: Route, holder: dict[str, Any], channel: str) -> str:
 def chunk_parts(route: Route, obj: Any) -> list[tuple[str, str]]:
     """(channel, text) for each non-empty text a chunk or answer carries: thinking first, then content."""
     holder = _holder(route, obj)
-    if holder is None:
-        return []
+    return [] if holder is None else _holder_parts(route, holder)
+
+
+def _holder_parts(route: Route, holder: dict[str, Any]) -> list[tuple[str, str]]:
     out = []
     for channel in (THINKING, CONTENT):
         text = holder.get(_key(route, holder, channel))
@@ -192,12 +194,33 @@ def with_text(route: Route, obj: dict[str, Any], text: str, channel: str = CONTE
     return out
 
 
+def answer_only_text(route: Route, obj: Any) -> str | None:
+    """The answer text of a chunk that carries no thinking and no tool calls ("" when it carries no text), or
+    None for a chunk that does carry them: `split_parts` without building its parts, for the stream's common
+    chunk."""
+    holder = _holder(route, obj)
+    if holder is None:
+        return ""
+    calls = holder.get("tool_calls")
+    if isinstance(calls, list) and calls:
+        return None
+    thinking = holder.get(_key(route, holder, THINKING))
+    if isinstance(thinking, str) and thinking:
+        return None
+    text = holder.get(_key(route, holder, CONTENT))
+    return text if isinstance(text, str) else ""
+
+
 def split_parts(route: Route, obj: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     """A chunk as (kind, text, chunk) parts, one per kind of text it carries, in order: "thinking" and
     "content" with their text, "tools" (text ""). A chunk with one kind or none is returned whole (kind ""
     for none); one with several is split, and only the last part keeps the end-of-stream fields."""
-    texts = chunk_parts(route, obj)
-    has_tools = bool(tool_calls(route, obj))
+    holder = _holder(route, obj)
+    if holder is None:  # no text, no tool calls
+        return [("", "", obj)]
+    texts = _holder_parts(route, holder)
+    calls = holder.get("tool_calls")
+    has_tools = isinstance(calls, list) and bool(calls)
     if len(texts) + has_tools <= 1:
         if texts:
             return [(texts[0][0], texts[0][1], obj)]

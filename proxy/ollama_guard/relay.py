@@ -29,6 +29,7 @@ from .dialects import (
     CONTENT,
     OLLAMA,
     Route,
+    answer_only_text,
     encode_ndjson,
     encode_sse,
     split_parts,
@@ -57,23 +58,19 @@ async def _line_batches(resp: aiohttp.ClientResponse) -> AsyncIterator[list[byte
     parts: list[bytes] = []  # the line still arriving, in pieces (joined once: no quadratic copying)
     size = 0
     async for chunk in resp.content.iter_any():
-        out: list[bytes] = []
-        start = 0
-        while (i := chunk.find(b"\n", start)) >= 0:
-            if parts:
-                parts.append(chunk[start : i + 1])
-                out.append(b"".join(parts))
-                parts, size = [], 0
-            else:
-                out.append(chunk[start : i + 1])
-            start = i + 1
-        if start < len(chunk):
-            parts.append(chunk[start:])
-            size += len(chunk) - start
+        lines = chunk.split(b"\n")  # split in C: a read carries hundreds of short lines from a fast model
+        tail = lines.pop()  # what follows the last newline: the start of a line still arriving
+        if lines and parts:
+            parts.append(lines[0])
+            lines[0] = b"".join(parts)
+            parts, size = [], 0
+        if tail:
+            parts.append(tail)
+            size += len(tail)
             if size > MAX_LINE_BYTES:
                 raise ValueError(f"a stream line over {MAX_LINE_BYTES} bytes")
-        if out:
-            yield out
+        if lines:
+            yield [line + b"\n" for line in lines]
     if parts:
         yield [b"".join(parts)]
 
@@ -86,11 +83,11 @@ async def iter_event_batches(resp: aiohttp.ClientResponse, route: Route) -> Asyn
         events: list[tuple[bytes, Any]] = []
         for line in lines:
             if ollama:
-                if not line.strip():
-                    continue
                 try:
                     obj = orjson.loads(line)
                 except orjson.JSONDecodeError:
+                    if not line.strip():
+                        continue  # a blank line: no event
                     obj = None
                 events.append(((line if line.endswith(b"\n") else line + b"\n"), obj))
                 continue
@@ -232,18 +229,26 @@ class GuardedStream:
             seg.sent = upto
         return out
 
-    async def _feed(self, raw: bytes, text: str, scan: bool = True) -> list[bytes]:
-        """One chunk into the current segment: its text (or none, for a marker). Sets violation on a stop.
-        `scan` False: the text is queued unscanned, for a later chunk of the same network read to scan."""
+    def _queue(self, raw: bytes, text: str) -> None:
+        """One chunk into the current segment, its text (or none, for a marker) appended unscanned: for all but
+        the last chunk of a network read, whose scan (`_feed`) covers them all."""
         seg = self.seg
         if not text:
             seg.pending.append(_Marker(raw, len(seg.guard.text) if seg.rewrite else seg.offset))
-        elif not seg.rewrite:
+            return
+        if not seg.rewrite:
             seg.offset += len(text)
             seg.pending.append(_Entry(raw, seg.offset))
-        step = await seg.guard.feed(text, scan)
+        seg.guard.append(text)
+
+    async def _feed(self, raw: bytes, text: str, scan: bool = True) -> list[bytes]:
+        """One chunk into the current segment: its text (or none, for a marker). Sets violation on a stop.
+        `scan` False: as `_queue`."""
+        self._queue(raw, text)
         if not scan:
             return []
+        seg = self.seg
+        step = await seg.guard.feed("", True)
         if step.violation is not None:
             self.violation = step.violation
             return []
@@ -317,6 +322,21 @@ class GuardedStream:
             return "Ollama reported an error; its text was withheld by the guard"
         return f"Ollama reported an error: {verdict.text if verdict.sanitized else text}"
 
+    def _queued(self, raw: bytes, obj: Any) -> bool:
+        """The common event that is not the last of its network read, queued without a coroutine: a chunk
+        carrying only text of the current segment's kind, or nothing. False for any other event (for
+        `_event`)."""
+        if type(obj) is not dict or obj.get("error") is not None:
+            return False
+        text = answer_only_text(self.route, obj)
+        if text is None or (text and self.seg.kind != CONTENT):
+            return False
+        if self.route.dialect == OLLAMA and obj.get("done") is True:
+            self.ended = True
+        self.last = obj
+        self._queue(raw, text)
+        return True
+
     async def _event(self, raw: bytes, obj: Any, scan: bool = True) -> list[bytes]:
         """What one upstream event releases: only text that passed, even when a violation stops the stream.
         `scan` False for all but the last event of a network read: their text is scanned with the last's."""
@@ -339,7 +359,8 @@ class GuardedStream:
             if kind == "tools":
                 out += await self._tools(part, part_raw)
             elif kind:
-                out += await self._switch(kind)
+                if kind != self.seg.kind:
+                    out += await self._switch(kind)
                 if self.violation is None:
                     out += await self._feed(part_raw, text, scan)
             else:
@@ -356,6 +377,8 @@ class GuardedStream:
                 # What arrived together goes out together: its text is scanned once, at its last event.
                 last = len(events) - 1
                 for i, (raw, obj) in enumerate(events):
+                    if i != last and self._queued(raw, obj):
+                        continue
                     out.extend(await self._event(raw, obj, i == last))
                     if self.violation is not None or self.broken is not None:
                         break

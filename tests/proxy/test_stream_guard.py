@@ -176,3 +176,88 @@ def test_no_line_of_a_streamed_private_key_is_released(default_engine, size):
     assert step.violation is None
     assert all(line[:10] not in h for line in body_lines for h in history)
     assert history[-1].endswith("-----END RSA PRIVATE KEY-----\nKeep it safe and rotate it every 90 days.\n")
+
+
+class _Upstream:
+    """An aiohttp response whose body arrives in the given reads."""
+
+    def __init__(self, reads: list[bytes]) -> None:
+        self.reads = reads
+        self.content = self
+
+    async def iter_any(self):
+        for r in self.reads:
+            yield r
+
+    def release(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _relay(engine, path: str, reads: list[bytes]) -> bytes:
+    from ollama_guard.dialects import ROUTES
+    from ollama_guard.relay import GuardedStream
+
+    async def go() -> bytes:
+        stream = GuardedStream(
+            _Upstream(reads), ROUTES[path], lambda side: StreamGuard(engine, engine.settings, side=side), "m", "stop"
+        )
+        return b"".join([b async for b in stream.__aiter__()])
+
+    return run(go())
+
+
+def _ndjson_chunks(secret: bool) -> list[bytes]:
+    import orjson
+
+    def chunk(**message) -> bytes:
+        return orjson.dumps({"model": "m", "message": {"role": "assistant", **message}, "done": False}) + b"\n"
+
+    words = (
+        ("The ", "answer ", "is ", "here, ", "key ")
+        + ((AWS[:8], AWS[8:]) if secret else ("none", " here"))
+        + (" done. ",)
+    )
+    lines = [chunk(content="")]
+    lines += [chunk(thinking=w) for w in ("Let ", "me ", "think. ")]
+    lines += [chunk(content=w) for w in words]
+    lines.append(chunk(content="", tool_calls=[{"function": {"name": "f", "arguments": {"q": "x"}}}]))
+    lines += [chunk(content=w) for w in ("And ", "more ", "text.")]
+    lines.append(b"\n")  # a blank line: no event
+    lines.append(orjson.dumps({"model": "m", "message": {"role": "assistant", "content": ""}, "done": True}) + b"\n")
+    return lines
+
+
+def _texts(out: bytes) -> tuple[str, str, int, bool]:
+    import orjson
+
+    events = [orjson.loads(line) for line in out.splitlines() if line.strip()]
+    messages = [e.get("message", {}) for e in events]
+    return (
+        "".join(m.get("content", "") for m in messages),
+        "".join(m.get("thinking", "") for m in messages),
+        sum(1 for m in messages if m.get("tool_calls")),
+        events[-1].get("done") is True,
+    )
+
+
+@pytest.mark.parametrize("secret", [False, True], ids=["clean", "a secret redacted"])
+def test_what_the_client_gets_does_not_depend_on_how_the_upstream_bytes_were_read(engine, secret: bool) -> None:
+    # Events of one network read but the last are queued without a scan each (GuardedStream._queued), and
+    # scanned with the last: the client's stream must not depend on how Ollama's bytes were split into reads.
+    # Thinking, answer text (with a secret split across chunks), a tool call, a blank line, the final chunk.
+    lines = _ndjson_chunks(secret)
+    blob = b"".join(lines)
+    one_by_one = _relay(engine, "/api/chat", lines)
+    together = _relay(engine, "/api/chat", [blob])
+    mid_line = _relay(engine, "/api/chat", [blob[i : i + 37] for i in range(0, len(blob), 37)])
+    assert _texts(together) == _texts(one_by_one) == _texts(mid_line)
+    content, thinking, calls, done = _texts(one_by_one)
+    assert thinking == "Let me think. " and calls == 1 and done and content.endswith("And more text.")
+    if secret:
+        assert AWS not in content and "******" in content  # scanned, however it arrived
+    else:
+        # Nothing rewritten: every chunk goes out as Ollama sent it, in every case.
+        assert together == one_by_one == mid_line == b"".join(line for line in lines if line.strip())

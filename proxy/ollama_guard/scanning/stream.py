@@ -101,16 +101,20 @@ class StreamGuard:
             limit = min(limit, self.s_scanned)
         return max(self.released, limit)
 
-    async def feed(self, delta: str, scan: bool = True) -> Step:
-        """Append `delta`; scan what is due and return how far the text may be released. With `scan` False
-        the text is only appended (nothing more is released): for all but the last chunk of those that
-        arrived together, which go out in one write anyway, so one scan at the last covers them all."""
+    def append(self, delta: str) -> None:
+        """Append `delta` without scanning (nothing more is released): for all but the last chunk of those that
+        arrived together, which go out in one write anyway, so one scan at the last (`feed`) covers them all."""
         # Appended through a local holding the only reference, so CPython grows the string in place:
         # `self.text += delta` copies the whole answer on every chunk (1.1 s for a 256k-character answer).
         text = self.text
         self.text = ""
         text += delta
         self.text = text
+
+    async def feed(self, delta: str, scan: bool = True) -> Step:
+        """Append `delta`; scan what is due and return how far the text may be released. With `scan` False
+        the text is only appended, as `append` does."""
+        self.append(delta)
         if self.buffered or not scan:
             return Step(self.released)
         violation = None

@@ -322,20 +322,18 @@ class GuardedStream:
             return "Ollama reported an error; its text was withheld by the guard"
         return f"Ollama reported an error: {verdict.text if verdict.sanitized else text}"
 
-    def _queued(self, raw: bytes, obj: Any) -> bool:
-        """The common event that is not the last of its network read, queued without a coroutine: a chunk
-        carrying only text of the current segment's kind, or nothing. False for any other event (for
-        `_event`)."""
+    def _plain(self, obj: Any) -> str | None:
+        """The text of the stream's common event, a chunk of the current run with only answer text or no text
+        at all ("" then), taken in as `_event` would; None for any other event, which is left to `_event`."""
         if type(obj) is not dict or obj.get("error") is not None:
-            return False
+            return None
         text = answer_only_text(self.route, obj)
         if text is None or (text and self.seg.kind != CONTENT):
-            return False
+            return None
         if self.route.dialect == OLLAMA and obj.get("done") is True:
             self.ended = True
         self.last = obj
-        self._queue(raw, text)
-        return True
+        return text
 
     async def _event(self, raw: bytes, obj: Any, scan: bool = True) -> list[bytes]:
         """What one upstream event releases: only text that passed, even when a violation stops the stream.
@@ -377,9 +375,14 @@ class GuardedStream:
                 # What arrived together goes out together: its text is scanned once, at its last event.
                 last = len(events) - 1
                 for i, (raw, obj) in enumerate(events):
-                    if i != last and self._queued(raw, obj):
+                    text = self._plain(obj)
+                    if text is None:
+                        out.extend(await self._event(raw, obj, i == last))
+                    elif i != last:
+                        self._queue(raw, text)  # no coroutine for all but the last
                         continue
-                    out.extend(await self._event(raw, obj, i == last))
+                    else:
+                        out.extend(await self._feed(raw, text))
                     if self.violation is not None or self.broken is not None:
                         break
                 if out:

@@ -245,7 +245,7 @@ def _texts(out: bytes) -> tuple[str, str, int, bool]:
 
 @pytest.mark.parametrize("secret", [False, True], ids=["clean", "a secret redacted"])
 def test_what_the_client_gets_does_not_depend_on_how_the_upstream_bytes_were_read(engine, secret: bool) -> None:
-    # Events of one network read but the last are queued without a scan each (GuardedStream._queued), and
+    # Events of one network read but the last are queued without a scan each (GuardedStream._plain, _queue), and
     # scanned with the last: the client's stream must not depend on how Ollama's bytes were split into reads.
     # Thinking, answer text (with a secret split across chunks), a tool call, a blank line, the final chunk.
     lines = _ndjson_chunks(secret)

@@ -71,6 +71,7 @@ class StreamGuard:
         self.released = 0
         self.p_scanned = 0
         self._word_at: tuple[int, int] | None = None  # (p_scanned, where its running word starts)
+        self._held_at: tuple[tuple[int, int], int] = ((-1, -1), 0)  # ((p_scanned, replacements), hold-back start)
         self.s_scanned = 0
         self.sanitized = False
         self.replacements = 0
@@ -96,7 +97,11 @@ class StreamGuard:
             return self.released
         limit = len(self.text)
         if self.pattern:
-            limit = min(limit, normalize.back(self.text, self._running_word_start(), self.hold))
+            # Where the hold-back starts moves only with a pattern scan or a rewrite; every chunk asks.
+            key = (self.p_scanned, self.replacements)
+            if self._held_at[0] != key:
+                self._held_at = (key, normalize.back(self.text, self._running_word_start(), self.hold))
+            limit = min(limit, self._held_at[1])
         if self.sentence:
             limit = min(limit, self.s_scanned)
         return max(self.released, limit)

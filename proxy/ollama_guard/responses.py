@@ -73,12 +73,22 @@ def scan_header(*groups: tuple[str, Sequence[Verdict]]) -> tuple[str, str] | Non
     """`X-Guard-Scanners: input:Secrets;score=1.00;ms=2.9, ...`: per scanner, the top score and total time."""
     pieces: list[str] = []
     for direction, verdicts in groups:
-        merged: dict[str, tuple[float, float]] = {}
+        # One verdict per text: a conversation's history brings dozens, each with a result per scanner.
+        scores: dict[str, float] = {}
+        times: dict[str, float] = {}
         for v in verdicts:
             for r in v.results:
-                prev = merged.get(r.scanner)
-                merged[r.scanner] = (r.score, r.ms) if prev is None else (max(prev[0], r.score), prev[1] + r.ms)
-        for n, (score, ms) in merged.items():
+                n = r.scanner
+                top = scores.get(n)
+                if top is None:
+                    scores[n] = r.score
+                    times[n] = r.ms
+                    continue
+                if r.score > top:
+                    scores[n] = r.score
+                times[n] += r.ms
+        for n, score in scores.items():
+            ms = times[n]
             key = (direction, n, score, ms)
             piece = _PIECES.get(key)
             if piece is None:

@@ -55,7 +55,7 @@ class Verdict:
 
     @property
     def fired(self) -> list[str]:
-        return [r.scanner for r in self.results if r.fired]
+        return [r.scanner for r in self.results if not r.valid or r.error is not None]  # ScanResult.fired, inlined
 
     def to_cache(self) -> bytes:
         """The verdict as a cache value (compact JSON, ~100-200 bytes).
@@ -301,7 +301,8 @@ class ScanEngine:
         out = [v for v in verdicts if v is not None]
         if self.metrics is not None:
             for v in out:
-                self.metrics.observe_verdict(direction, v)
+                if not v.cached:  # a cached verdict ran no scanner: nothing to observe
+                    self.metrics.observe_verdict(direction, v)
         return out
 
     async def scan_window(

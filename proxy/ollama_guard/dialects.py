@@ -123,7 +123,11 @@ def _holder_parts(route: Route, holder: dict[str, Any]) -> list[tuple[str, str]]
 
 def tool_calls(route: Route, obj: Any) -> list[Any]:
     holder = _holder(route, obj)
-    calls = holder.get("tool_calls") if holder is not None else None
+    return [] if holder is None else _holder_calls(holder)
+
+
+def _holder_calls(holder: dict[str, Any]) -> list[Any]:
+    calls = holder.get("tool_calls")
     return calls if isinstance(calls, list) else []
 
 
@@ -201,8 +205,7 @@ def answer_only_text(route: Route, obj: Any) -> str | None:
     holder = _holder(route, obj)
     if holder is None:
         return ""
-    calls = holder.get("tool_calls")
-    if isinstance(calls, list) and calls:
+    if _holder_calls(holder):
         return None
     thinking = holder.get(_key(route, holder, THINKING))
     if isinstance(thinking, str) and thinking:
@@ -219,8 +222,7 @@ def split_parts(route: Route, obj: dict[str, Any]) -> list[tuple[str, str, dict[
     if holder is None:  # no text, no tool calls
         return [("", "", obj)]
     texts = _holder_parts(route, holder)
-    calls = holder.get("tool_calls")
-    has_tools = isinstance(calls, list) and bool(calls)
+    has_tools = bool(_holder_calls(holder))
     if len(texts) + has_tools <= 1:
         if texts:
             return [(texts[0][0], texts[0][1], obj)]

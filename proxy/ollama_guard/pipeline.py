@@ -52,7 +52,7 @@ from .responses import (
 from .scanning import budget
 from .scanning.engine import GuardUnavailable, Verdict
 from .scanning.registry import new_vault
-from .scanning.stream import StreamGuard, side_scanners
+from .scanning.stream import StreamGuard
 from .state import ProxyState
 from .upstream import BROWSER_ONLY, Upstream, UpstreamError, forward_headers, response_headers
 
@@ -296,7 +296,7 @@ class GuardedRoutes:
         except orjson.JSONDecodeError:
             pass
         if text is not None and self.st.settings.enable_output_guard and self.st.engine.has_scanners("output"):
-            verdict = await self.st.engine.scan_window(side_scanners(self.st.engine), text, req.prompt, None)
+            verdict = await self.st.engine.scan_window(self.st.engine.policy.side_output(), text, req.prompt, None)
             text = None if verdict.blocked else verdict.text
         client_error = 400 <= status < 500
         answer_status = status if client_error else 502
@@ -317,7 +317,7 @@ class GuardedRoutes:
         to send: the same object when nothing was sanitized, a rewritten copy when something was."""
         engine = self.st.engine
         assert engine is not None
-        side = side_scanners(engine)
+        side = engine.policy.side_output()
         calls = tool_call_texts(route, obj) if side else []  # no scanner watches anything but the answer
         targets = [(ch, t) for ch, t in chunk_parts(route, obj) if ch == CONTENT or side]
         targets += [("tool", t) for t in calls if t]
@@ -327,9 +327,7 @@ class GuardedRoutes:
                 return (await engine.scan_many("output", [text], prompt=prompt, vault=vault))[0]
             return await engine.scan_window(side, text, prompt, vault)
 
-        if len(targets) == 1 and targets[0][0] == CONTENT:  # the common case: the answer's text alone
-            verdicts = await engine.scan_many("output", [targets[0][1]], prompt=prompt, vault=vault)
-        elif len(targets) == 1:  # no task for a gather of one
+        if len(targets) == 1:  # the common case: no task for a gather of one
             verdicts = [await scan(*targets[0])]
         else:
             verdicts = list(await asyncio.gather(*(scan(ch, t) for ch, t in targets)))

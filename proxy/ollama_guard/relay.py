@@ -248,7 +248,7 @@ class GuardedStream:
         if not scan:
             return []
         seg = self.seg
-        step = await seg.guard.feed("", True)
+        step = await seg.guard.advance()
         if step.violation is not None:
             self.violation = step.violation
             return []
@@ -330,10 +330,14 @@ class GuardedStream:
         text = answer_only_text(self.route, obj)
         if text is None or (text and self.seg.kind != CONTENT):
             return None
+        self._take(obj)
+        return text
+
+    def _take(self, obj: dict[str, Any]) -> None:
+        """A readable event arrived: the end of an Ollama stream (`done: true`), and the chunk rebuilt ones copy."""
         if self.route.dialect == OLLAMA and obj.get("done") is True:
             self.ended = True
         self.last = obj
-        return text
 
     async def _event(self, raw: bytes, obj: Any, scan: bool = True) -> list[bytes]:
         """What one upstream event releases: only text that passed, even when a violation stops the stream.
@@ -347,9 +351,7 @@ class GuardedStream:
         if obj.get("error") is not None:
             self.broken = await self._upstream_error(obj["error"])
             return []
-        if self.route.dialect == OLLAMA and obj.get("done") is True:
-            self.ended = True
-        self.last = obj
+        self._take(obj)
         parts = split_parts(self.route, obj)
         out: list[bytes] = []
         for kind, text, part in parts:

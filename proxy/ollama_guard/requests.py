@@ -229,10 +229,8 @@ class Validator:
                     req.targets.append(Target(m, "content", role, f"messages[{i}].content"))
             elif role in self.scan_roles and not m.get("tool_calls"):
                 raise BadRequest(f"messages[{i}].content is required")
-            if m.get("thinking") is not None:
-                self._thinking(req, i, m, "thinking", role)
-            if m.get("tool_calls") is not None:
-                self._history_tool_calls(req, i, m, native=True)
+            self._thinking(req, i, m, "thinking", role)
+            self._history_tool_calls(req, i, m, native=True)
             images = m.get("images")
             if images is not None:
                 _expect(

@@ -55,7 +55,7 @@ class Verdict:
 
     @property
     def fired(self) -> list[str]:
-        return [r.scanner for r in self.results if not r.valid or r.error is not None]  # ScanResult.fired, inlined
+        return [r.scanner for r in self.results if r.fired]
 
     def to_cache(self) -> bytes:
         """The verdict as a cache value (compact JSON, ~100-200 bytes).

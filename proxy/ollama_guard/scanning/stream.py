@@ -57,7 +57,7 @@ class StreamGuard:
         self.engine = engine
         self.prompt = prompt
         self.vault = vault
-        active = side_scanners(engine) if side else engine.policy.active("output")
+        active = engine.policy.side_output() if side else engine.policy.active("output")
         self.scanners = active
         self.pattern = [s for s in active if s.stream_mode == "pattern"]
         self.sentence = [s for s in active if s.stream_mode == "sentence"]
@@ -120,7 +120,11 @@ class StreamGuard:
         """Append `delta`; scan what is due and return how far the text may be released. With `scan` False
         the text is only appended, as `append` does."""
         self.append(delta)
-        if self.buffered or not scan:
+        return await self.advance() if scan else Step(self.released)
+
+    async def advance(self) -> Step:
+        """Scan what is due of the text appended so far and return how far it may be released."""
+        if self.buffered:
             return Step(self.released)
         violation = None
         # The first pattern scan runs as soon as it can release something: a word ended after the first
@@ -239,8 +243,3 @@ class StreamGuard:
             self.s_scanned += delta
         elif self.s_scanned > start:
             self.s_scanned = start + len(new)
-
-
-def side_scanners(engine: ScanEngine) -> list[GuardScanner]:
-    """The output scanners that also watch a model's thinking and its tool-call arguments. Do not modify."""
-    return engine.policy.side_output()

@@ -88,18 +88,21 @@ def scan_header(*groups: tuple[str, Sequence[Verdict]]) -> tuple[str, str] | Non
                     scores[n] = r.score
                 times[n] += r.ms
         for n, score in scores.items():
-            ms = times[n]
-            key = (direction, n, score, ms)
+            tenths = int(times[n] * 10.0 + 0.5)  # ms to one decimal, rounded half up
+            key = (direction, n, score, tenths)
             piece = _PIECES.get(key)
             if piece is None:
-                piece = f"{direction}:{n};score={score:.2f};ms={ms:.1f}"
-                if ms == 0.0 and len(_PIECES) < 4096:  # a cached verdict's (no scan time): they repeat
-                    _PIECES[key] = piece
+                piece = f"{direction}:{n};score={score:.2f};ms={tenths // 10}.{tenths % 10}"
+                if len(_PIECES) >= 4096:
+                    _PIECES.clear()
+                _PIECES[key] = piece
             pieces.append(piece)
     return ("X-Guard-Scanners", ", ".join(pieces)) if pieces else None
 
 
-_PIECES: dict[tuple[str, str, float, float], str] = {}
+# X-Guard-Scanners' pieces as formatted: most repeat (a cached verdict's, a short text's scan time), and
+# formatting two floats took longer than the scan of a short text.
+_PIECES: dict[tuple[str, str, float, int], str] = {}
 
 
 class ClientGone(Exception):

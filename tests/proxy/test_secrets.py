@@ -185,3 +185,13 @@ def test_case_insensitive_look_alikes_fold_together():
     for a, b in [("İ", "i"), ("ı", "i"), ("ſ", "s"), ("\u212a", "k"), ("µ", "μ"), ("ς", "σ"), ("ϐ", "β")]:
         assert re.fullmatch("(?i)" + re.escape(b), a)  # re treats them as equal ...
         assert fold(a) == fold(b)  # ... and so does the prefilter's folding
+
+
+def test_an_ascii_text_folds_as_every_other_text_does():
+    """fold() takes lower() alone for ASCII text: the same as the full fold for every ASCII character, and in
+    a text beside the characters that do fold."""
+    from ollama_guard.scanning import secrets
+
+    ascii_text = "".join(chr(c) for c in range(128))
+    assert secrets.fold(ascii_text) == ascii_text.replace("\u0130", "i").lower().translate(secrets._FOLD)
+    assert secrets.fold(ascii_text + "ſK") == ascii_text.lower() + "sk"

@@ -123,7 +123,7 @@ def _timed_call(scanner: GuardScanner, text: str, prompt: str, vault: Any) -> tu
     return out, ScanResult(scanner.name, bool(valid), float(score), ms, scanner.action, error)
 
 
-def _run_sequential(
+def _run_chain(
     detectors: list[GuardScanner],
     sanitizers: list[GuardScanner],
     text: str,
@@ -132,40 +132,30 @@ def _run_sequential(
     short_circuit: bool,
     deadline: float | None = None,
 ) -> tuple[str, list[ScanResult]]:
-    """Pattern detectors on the original text, then the sanitizer chain. Runs in a worker thread, and stops
-    at `deadline` (time.monotonic()): the scanner running reports the budget error, the rest do not run."""
+    """Pattern detectors on the original text, then the sanitizer chain, each on the output of the last. Runs in
+    a worker thread or inline, and stops at `deadline` (time.monotonic()): the scanner running reports the
+    budget error, the rest do not run."""
     previous = budget.enter(deadline)
     try:
-        return _run_chain(detectors, sanitizers, text, prompt, vault, short_circuit)
+        results: list[ScanResult] = []
+        for s in detectors:
+            _, res = _timed_call(s, text, prompt, vault)
+            results.append(res)
+            if res.error == budget.BUDGET_ERROR or (short_circuit and res.fired and s.action == "block"):
+                return text, results
+        current = text
+        for s in sanitizers:
+            out, res = _timed_call(s, current, prompt, vault)
+            results.append(res)
+            if res.error == budget.BUDGET_ERROR:
+                return text, results
+            # A sanitizer's output replaces the text whenever it changed it (Deanonymize reports "valid" and
+            # still rewrites placeholders).
+            if res.error is None and s.action == "sanitize" and out != current:
+                current = out
+        return current, results
     finally:
         budget.leave(previous)
-
-
-def _run_chain(
-    detectors: list[GuardScanner],
-    sanitizers: list[GuardScanner],
-    text: str,
-    prompt: str,
-    vault: Any,
-    short_circuit: bool,
-) -> tuple[str, list[ScanResult]]:
-    results: list[ScanResult] = []
-    for s in detectors:
-        _, res = _timed_call(s, text, prompt, vault)
-        results.append(res)
-        if res.error == budget.BUDGET_ERROR or (short_circuit and res.fired and s.action == "block"):
-            return text, results
-    current = text
-    for s in sanitizers:
-        out, res = _timed_call(s, current, prompt, vault)
-        results.append(res)
-        if res.error == budget.BUDGET_ERROR:
-            return text, results
-        # A sanitizer's output replaces the text whenever it changed it (Deanonymize reports "valid" and
-        # still rewrites placeholders).
-        if res.error is None and s.action == "sanitize" and out != current:
-            current = out
-    return current, results
 
 
 @dataclass(slots=True)
@@ -359,8 +349,10 @@ class ScanEngine:
         charge = _Charge()
         if charge.exhausted:
             return _over_budget(plan, text)
-        try:
-            return self._chain(plan, text, prompt, vault, charge.deadline)
+        try:  # an inline plan has no model scanner (_inline_ok)
+            return _run_chain(
+                plan.pattern, plan.sanitizers, text, prompt, vault, self.settings.short_circuit, charge.deadline
+            )
         finally:
             charge.done()
 
@@ -369,9 +361,7 @@ class ScanEngine:
     ) -> tuple[str, list[ScanResult]]:
         if plan.models:  # a plan of one model scanner (not batched), made for its own job
             return _one_model(plan.models[0], text, prompt, vault)
-        return _run_sequential(
-            plan.pattern, plan.sanitizers, text, prompt, vault, self.settings.short_circuit, deadline
-        )
+        return _run_chain(plan.pattern, plan.sanitizers, text, prompt, vault, self.settings.short_circuit, deadline)
 
     async def _pooled(self, plan: _Plan, text: str, prompt: str, vault: Any) -> tuple[str, list[ScanResult]]:
         """The plan's scanners on `text`: inline when `_inline_ok`, else on a pool thread when this request's

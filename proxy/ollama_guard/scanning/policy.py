@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,20 +72,20 @@ class GuardScanner:
     load_seconds: float = 0.0
     model_dir: str | None = None
     model_id: str = ""  # identifies the weights, for the policy fingerprint
+    # Read off `cfg` once: every scan reads them, and the config's properties cost more than the scanners
+    # themselves on a short text.
+    name: str = field(init=False)
+    action: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.name = self.cfg.display_name
+        self.action = self.cfg.action
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "instance":  # loaded or unloaded: what the policies derived from their scanners is stale
             global _loads
             _loads += 1
         object.__setattr__(self, name, value)
-
-    @property
-    def name(self) -> str:
-        return self.cfg.display_name
-
-    @property
-    def action(self) -> str:
-        return self.cfg.action
 
     @property
     def required(self) -> bool:
@@ -148,31 +147,34 @@ class Policy:
     output: list[GuardScanner]
     device: DeviceChoice | None
     fingerprints: dict[str, str] = field(default_factory=dict)
-    _memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
-    _derived_at: int = field(default=-1, repr=False, compare=False)
+    _view: _Derived | None = field(default=None, repr=False, compare=False)
+    _view_at: int = field(default=-1, repr=False, compare=False)
 
-    def _derived(self, key: str, compute: Callable[[], Any]) -> Any:
-        """What the request path asks of the policy on every request (active scanners, missing ones),
-        computed once per change of any scanner's `instance` (~3 % of a cache hit when computed each time)."""
-        if self._derived_at != _loads:
-            self._memo.clear()
-            self._derived_at = _loads
-        if key not in self._memo:
-            self._memo[key] = compute()
-        return self._memo[key]
+    def _derived(self) -> _Derived:
+        """What the request path asks of the policy on every request (active scanners, missing ones), worked
+        out once per change of any scanner's `instance` (~3 % of a cache hit when computed each time)."""
+        if self._view_at == _loads and self._view is not None:
+            return self._view
+        active = {d: [s for s in getattr(self, d) if s.loaded] for d in ("input", "output")}
+        self._view = _Derived(
+            active=active,
+            side=[s for s in active["output"] if not s.stype.answer_only],
+            missing=[s for s in self.all() if s.required and not s.loaded],
+            cacheable={d: not any(s.stype.vault for s in scanners) for d, scanners in active.items()},
+            prompt_dependent=any(s.stype.prompt_dependent for s in active["output"]),
+            needs_vault=any(s.stype.vault for s in self.all() if s.loaded),
+        )
+        self._view_at = _loads
+        return self._view
 
     def active(self, direction: str) -> list[GuardScanner]:
         """The loaded scanners of `direction` ("input" or "output"), in policy order. Do not modify."""
-        return self._derived(  # type: ignore[no-any-return]
-            direction, lambda: [s for s in (self.input if direction == "input" else self.output) if s.loaded]
-        )
+        return self._derived().active[direction]
 
     def side_output(self) -> list[GuardScanner]:
         """The loaded output scanners that also watch a model's thinking and its tool-call arguments (all but
         the answer-only ones). Do not modify."""
-        return self._derived(  # type: ignore[no-any-return]
-            "side", lambda: [s for s in self.active("output") if not s.stype.answer_only]
-        )
+        return self._derived().side
 
     def all(self) -> list[GuardScanner]:
         return self.input + self.output
@@ -185,9 +187,7 @@ class Policy:
 
     def missing_required(self) -> list[GuardScanner]:
         """The required scanners that are not loaded. Do not modify."""
-        return self._derived(  # type: ignore[no-any-return]
-            "missing", lambda: [s for s in self.all() if s.required and not s.loaded]
-        )
+        return self._derived().missing
 
     def missing_optional(self) -> list[GuardScanner]:
         return [s for s in self.all() if not s.required and not s.loaded]
@@ -197,19 +197,26 @@ class Policy:
         return not self.missing_required()
 
     def cacheable(self, direction: str) -> bool:
-        return self._derived(  # type: ignore[no-any-return]
-            "cacheable-" + direction, lambda: not any(s.stype.vault for s in self.active(direction))
-        )
+        """Verdicts of `direction` may be cached: no loaded scanner of it keeps per-request state (a vault)."""
+        return self._derived().cacheable[direction]
 
     def prompt_dependent(self) -> bool:
-        return self._derived(  # type: ignore[no-any-return]
-            "prompt_dependent", lambda: any(s.stype.prompt_dependent for s in self.active("output"))
-        )
+        return self._derived().prompt_dependent
 
     def needs_vault(self) -> bool:
-        return self._derived(  # type: ignore[no-any-return]
-            "needs_vault", lambda: any(s.stype.vault for s in self.all() if s.loaded)
-        )
+        return self._derived().needs_vault
+
+
+@dataclass(frozen=True, slots=True)
+class _Derived:
+    """A policy's scanners as the request path asks about them, for one state of what is loaded."""
+
+    active: dict[str, list[GuardScanner]]  # "input"/"output" -> the loaded ones, in policy order
+    side: list[GuardScanner]  # loaded output scanners that also watch thinking and tool calls
+    missing: list[GuardScanner]  # required and not loaded
+    cacheable: dict[str, bool]  # direction -> no vault scanner among the active ones
+    prompt_dependent: bool  # an active output scanner compares the answer with the prompt
+    needs_vault: bool  # a loaded scanner keeps a per-request vault
 
 
 def resolve_model(cfg: ScannerConfig, stype: registry.ScannerType, settings: Settings) -> tuple[str, ModelRef]:

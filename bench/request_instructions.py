@@ -1,0 +1,204 @@
+"""Instructions per request, counted by callgrind: the request path measured by what it executes, not by how
+long it took, so the figure is the same on a quiet and on a loaded machine (this bench's timings on the 2-core
+machines here move by 10-20 % between runs of the same code; these counts by well under 1 %).
+
+    .venv/bin/python bench/request_instructions.py [--requests 1000]
+
+Drives an ASGI app in-process, one request at a time, under `valgrind --tool=callgrind` (valgrind: Debian's
+package of that name): no server, and no network but to a fake Ollama on loopback, which runs outside valgrind.
+Each row runs twice, with 200 warm-up requests and with 200 + `--requests`; the difference over `--requests`
+is one request's instructions, start-up and warm-up cancelling out. Rows:
+- the minimal pass-through's app (bench/passthrough.py), the reference;
+- the proxy, cache hit: the same non-streaming /api/chat body every time;
+- the proxy, unique ~300-character prompts (the fake Ollama answers with the prompt's text, so the answer is
+  new too): both are scanned, and both verdicts stored.
+The policy is bench/proxy_bench.py's default-style one. Uvicorn's own work per request, the same for both
+apps, is not in these figures, so their ratio is lower than proxy_bench.py's requests/s ratio. Never asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+WARM_UP = 200
+SAME = b'{"model": "llama3.2", "stream": false, "messages": [{"role": "user", "content": "What is the capital of France?"}]}'  # noqa: E501
+WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima".split()
+
+
+def body(kind: str, i: int) -> bytes:
+    """The request body of request `i`: the same one (hit) or a fresh prompt ("REPLY:" makes the fake Ollama
+    answer with it)."""
+    if kind != "unique":
+        return SAME
+    prompt = (f"REPLY: NONCE-{i} " + " ".join(WORDS[(i + k * 7) % 12] for k in range(45)))[:300]
+    return b'{"model":"llama3.2","stream":false,"messages":[{"role":"user","content":"' + prompt.encode() + b'"}]}'
+
+
+async def request(app: Any, raw: bytes) -> None:
+    """One POST /api/chat through the ASGI app; raises unless it answered 200."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/api/chat",
+        "raw_path": b"/api/chat",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"127.0.0.1"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(raw)).encode()),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8080),
+    }
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await asyncio.Event().wait()  # the client never leaves
+        raise AssertionError
+
+    status: list[int] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+
+    await app(scope, receive, send)
+    if status != [200]:
+        raise RuntimeError(f"answered {status}")
+
+
+async def drive(kind: str, count: int, upstream: str) -> None:
+    """`count` requests of `kind` (passthrough, hit, unique), one at a time, after the app's start-up."""
+    if kind == "passthrough":
+        os.environ["UPSTREAM"] = upstream
+        sys.path.insert(0, str(ROOT / "bench"))
+        import passthrough
+
+        app: Any = passthrough.app
+        started: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        await inbox.put({"type": "lifespan.startup"})
+        lifespan = asyncio.create_task(app({"type": "lifespan"}, inbox.get, started.put))
+        await started.get()
+        for i in range(count):
+            await request(app, body(kind, i))
+        await inbox.put({"type": "lifespan.shutdown"})
+        await lifespan
+        return
+    from ollama_guard.app import create_app
+    from ollama_guard.settings import load_settings
+    from proxy_bench import POLICY
+
+    settings = load_settings(
+        overrides=dict(
+            POLICY, ollama_url=upstream, logging={"audit": False}, cache={"backend": "memory", "max_size": 100000}
+        ),
+        environ={},
+    )
+    guard = create_app(settings)
+    async with guard.router.lifespan_context(guard):
+        for i in range(count):
+            await request(guard, body(kind, i))
+
+
+def instructions(kind: str, count: int, upstream: str) -> int:
+    """The instructions callgrind counted for a whole run of `drive(kind, count)`."""
+    out = subprocess.run(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            sys.executable,
+            __file__,
+            "--drive",
+            kind,
+            "--count",
+            str(count),
+            "--upstream",
+            upstream,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    found = re.search(r"Collected : (\d+)", out.stderr)
+    if found is None:
+        raise RuntimeError(f"no count from callgrind: {out.stderr[-2000:]}")
+    return int(found.group(1))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=1000, help="requests counted, after 200 of warm-up")
+    ap.add_argument("--drive", choices=["passthrough", "hit", "unique"], help=argparse.SUPPRESS)
+    ap.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--upstream", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.drive:
+        import uvloop
+
+        uvloop.run(drive(args.drive, args.count, args.upstream))
+        return
+    if shutil.which("valgrind") is None:
+        sys.exit("valgrind is not installed: apt-get install valgrind")
+    port = free_port()
+    upstream = f"http://127.0.0.1:{port}"
+    fake = subprocess.Popen(
+        [sys.executable, "-m", "ollama_guard.testing.fake_ollama", "--port", str(port)], stdout=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    sys.exit("the fake Ollama did not start")
+                time.sleep(0.1)
+        kinds = ["passthrough", "hit", "unique"]
+        runs = [(k, n) for k in kinds for n in (WARM_UP, WARM_UP + args.requests)]
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            counted = dict(zip(runs, pool.map(lambda run: instructions(run[0], run[1], upstream), runs), strict=True))
+        per = {k: (counted[(k, WARM_UP + args.requests)] - counted[(k, WARM_UP)]) / args.requests for k in kinds}
+        print(f"instructions per request (callgrind, in-process, one at a time, {args.requests} requests)")
+        names = {
+            "passthrough": "minimal pass-through's app",
+            "hit": "proxy, cache hit",
+            "unique": "proxy, unique prompts",
+        }
+        for k in kinds:
+            print(f"{names[k]:28s} {per[k] / 1000:9.0f}k   {per[k] / per['passthrough']:.2f}x the pass-through's")
+    finally:
+        fake.terminate()
+        fake.wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
 """Instructions per request, counted by callgrind: the request path measured by what it executes, not by how
 long it took, so the figure is the same on a quiet and on a loaded machine (this bench's timings on the 2-core
-machines here move by 10-20 % between runs of the same code; these counts by well under 1 %).
+machines here move by 10-20 % between runs of the same code; these counts by under 1 %).
 
     .venv/bin/python bench/request_instructions.py [--requests 1000]
 

@@ -2,12 +2,14 @@
 long it took, so the figure is the same on a quiet and on a loaded machine (this bench's timings on the 2-core
 machines here move by 10-20 % between runs of the same code; these counts by under 1 %).
 
-    .venv/bin/python bench/request_instructions.py [--requests 1000]
+    .venv/bin/python bench/request_instructions.py [--requests 500]
 
 Drives an ASGI app in-process, one request at a time, under `valgrind --tool=callgrind` (valgrind: Debian's
 package of that name): no server, and no network but to a fake Ollama on loopback, which runs outside valgrind.
-Each row runs twice, with 200 warm-up requests and with 200 + `--requests`; the difference over `--requests`
-is one request's instructions, start-up and warm-up cancelling out. Rows:
+Each row runs three times: with 200 warm-up requests, with 200 + `--requests` and with 200 + 2 x `--requests`.
+The count grows by one request's instructions per request, start-up and warm-up cancelling out; the two
+increments should agree, and a row whose increments differ by more than 2 % says so (a one-time event in one
+run, such as a collection of the oldest GC generation, skews it: run again). Rows:
 - the minimal pass-through's app (bench/passthrough.py), the reference;
 - the proxy, cache hit: the same non-streaming /api/chat body every time;
 - the proxy, unique ~300-character prompts (the fake Ollama answers with the prompt's text, so the answer is
@@ -155,7 +157,7 @@ def free_port() -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--requests", type=int, default=1000, help="requests counted, after 200 of warm-up")
+    ap.add_argument("--requests", type=int, default=500, help="requests per step, after 200 of warm-up")
     ap.add_argument("--drive", choices=["passthrough", "hit", "unique"], help=argparse.SUPPRESS)
     ap.add_argument("--count", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--upstream", help=argparse.SUPPRESS)
@@ -183,18 +185,26 @@ def main() -> None:
                     sys.exit("the fake Ollama did not start")
                 time.sleep(0.1)
         kinds = ["passthrough", "hit", "unique"]
-        runs = [(k, n) for k in kinds for n in (WARM_UP, WARM_UP + args.requests)]
+        steps = (WARM_UP, WARM_UP + args.requests, WARM_UP + 2 * args.requests)
+        runs = [(k, n) for k in kinds for n in steps]
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             counted = dict(zip(runs, pool.map(lambda run: instructions(run[0], run[1], upstream), runs), strict=True))
-        per = {k: (counted[(k, WARM_UP + args.requests)] - counted[(k, WARM_UP)]) / args.requests for k in kinds}
-        print(f"instructions per request (callgrind, in-process, one at a time, {args.requests} requests)")
+        per, spread = {}, {}
+        for k in kinds:
+            first, second = (
+                (counted[(k, b)] - counted[(k, a)]) / args.requests for a, b in zip(steps, steps[1:], strict=False)
+            )
+            per[k] = (first + second) / 2
+            spread[k] = abs(first - second) / per[k]
+        print(f"instructions per request (callgrind, in-process, one at a time, 2 x {args.requests} requests)")
         names = {
             "passthrough": "minimal pass-through's app",
             "hit": "proxy, cache hit",
             "unique": "proxy, unique prompts",
         }
         for k in kinds:
-            print(f"{names[k]:28s} {per[k] / 1000:9.0f}k   {per[k] / per['passthrough']:.2f}x the pass-through's")
+            warn = f"   (increments differ by {spread[k]:.0%}: run again)" if spread[k] > 0.02 else ""
+            print(f"{names[k]:28s} {per[k] / 1000:9.0f}k   {per[k] / per['passthrough']:.2f}x the pass-through's{warn}")
     finally:
         fake.terminate()
         fake.wait()

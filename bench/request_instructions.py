@@ -25,17 +25,14 @@ import asyncio
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from proxy_bench import POLICY, ROOT, SAME_BODY, free_port, wait_http
+
 WARM_UP = 200
-SAME = b'{"model": "llama3.2", "stream": false, "messages": [{"role": "user", "content": "What is the capital of France?"}]}'  # noqa: E501
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima".split()
 
 
@@ -43,7 +40,7 @@ def body(kind: str, i: int) -> bytes:
     """The request body of request `i`: the same one (hit) or a fresh prompt ("REPLY:" makes the fake Ollama
     answer with it)."""
     if kind != "unique":
-        return SAME
+        return SAME_BODY.encode()
     prompt = (f"REPLY: NONCE-{i} " + " ".join(WORDS[(i + k * 7) % 12] for k in range(45)))[:300]
     return b'{"model":"llama3.2","stream":false,"messages":[{"role":"user","content":"' + prompt.encode() + b'"}]}'
 
@@ -109,7 +106,6 @@ async def drive(kind: str, count: int, upstream: str) -> None:
         return
     from ollama_guard.app import create_app
     from ollama_guard.settings import load_settings
-    from proxy_bench import POLICY
 
     settings = load_settings(
         overrides=dict(
@@ -149,12 +145,6 @@ def instructions(kind: str, count: int, upstream: str) -> int:
     return int(found.group(1))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=500, help="requests per step, after 200 of warm-up")
@@ -175,15 +165,7 @@ def main() -> None:
         [sys.executable, "-m", "ollama_guard.testing.fake_ollama", "--port", str(port)], stdout=subprocess.DEVNULL
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    sys.exit("the fake Ollama did not start")
-                time.sleep(0.1)
+        wait_http(upstream + "/", timeout=60)
         kinds = ["passthrough", "hit", "unique"]
         steps = (WARM_UP, WARM_UP + args.requests, WARM_UP + 2 * args.requests)
         runs = [(k, n) for k in kinds for n in steps]

@@ -349,10 +349,8 @@ class ScanEngine:
         charge = _Charge()
         if charge.exhausted:
             return _over_budget(plan, text)
-        try:  # an inline plan has no model scanner (_inline_ok)
-            return _run_chain(
-                plan.pattern, plan.sanitizers, text, prompt, vault, self.settings.short_circuit, charge.deadline
-            )
+        try:
+            return self._chain(plan, text, prompt, vault, charge.deadline)
         finally:
             charge.done()
 

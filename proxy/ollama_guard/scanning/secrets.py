@@ -204,9 +204,9 @@ class Screen:
         every literal occurring in it is found in one Aho-Corasick pass (pyahocorasick, C), so a line is then
         tried against a few expressions, not ~190 (~190 substring searches per text were the largest cost of
         a streamed answer's windows)."""
-        if self.automaton is None:
-            return [self.entries[i] for i in self.always]
-        found = {literal for _, literal in self.automaton.iter(fold(text) if folded is None else folded)}
+        found: set[str] = set()
+        if self.automaton is not None:
+            found = {literal for _, literal in self.automaton.iter(fold(text) if folded is None else folded)}
         if not found:  # most texts: only the expressions that need no literal
             return [self.entries[i] for i in self.always]
         chosen = set(self.always)

@@ -75,36 +75,31 @@ async def _line_batches(resp: aiohttp.ClientResponse) -> AsyncIterator[list[byte
         yield [b"".join(parts)]
 
 
-async def iter_event_batches(resp: aiohttp.ClientResponse, route: Route) -> AsyncIterator[list[tuple[bytes, Any]]]:
-    """For each read from the network, its events: (raw event bytes as they go to the client, parsed JSON,
-    None when it is not JSON, or DONE) for each NDJSON line / SSE event."""
-    ollama = route.dialect == OLLAMA
-    async for lines in _line_batches(resp):
-        events: list[tuple[bytes, Any]] = []
-        for line in lines:
-            if ollama:
-                try:
-                    obj = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    if not line.strip():
-                        continue  # a blank line: no event
-                    obj = None
-                events.append(((line if line.endswith(b"\n") else line + b"\n"), obj))
-                continue
-            line = line.strip()
-            if not line.startswith(b"data:"):
-                continue  # blank separators, comments, event names: we frame our own events
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                events.append((b"data: [DONE]\n\n", DONE))
-                continue
-            try:
-                obj = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                obj = None
-            events.append((b"data: " + payload + b"\n\n", obj))
-        if events:
-            yield events
+def is_event(line: bytes, ollama: bool) -> bool:
+    """Whether a stream line carries an event: an NDJSON line that is not blank, an SSE `data:` line (blank
+    separators, comments and event names carry none: we frame our own events)."""
+    if ollama:
+        return bool(line) and not line.isspace()
+    return line.lstrip().startswith(b"data:")
+
+
+def parse_event(line: bytes, ollama: bool) -> tuple[bytes, Any]:
+    """An event line (`is_event`) as (its bytes as they go to the client, its parsed JSON: None when it is not
+    JSON, DONE for SSE's `data: [DONE]`)."""
+    if ollama:
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            obj = None
+        return (line if line.endswith(b"\n") else line + b"\n"), obj
+    payload = line.strip()[5:].strip()
+    if payload == b"[DONE]":
+        return b"data: [DONE]\n\n", DONE
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        obj = None
+    return b"data: " + payload + b"\n\n", obj
 
 
 @dataclass(slots=True)
@@ -371,23 +366,41 @@ class GuardedStream:
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         done = False
+        # Until the first bytes go out, every event is scanned as it comes and what it releases is written at
+        # once: a fast model's first read carries dozens of chunks, and the client should not wait for all
+        # of them to be read and scanned before it sees the first word.
+        first = True
         try:
-            async for events in iter_event_batches(self.resp, self.route):
+            ollama = self.route.dialect == OLLAMA
+            async for lines in _line_batches(self.resp):
                 out: list[bytes] = []
-                # What arrived together goes out together: its text is scanned once, at its last event.
-                last = len(events) - 1
-                for i, (raw, obj) in enumerate(events):
+                # What arrived together goes out together: its text is scanned once, at its last event. Each
+                # line is parsed as its turn comes, so the first release does not wait for the whole read.
+                last = len(lines) - 1
+                while last >= 0 and not is_event(lines[last], ollama):
+                    last -= 1
+                for i in range(last + 1):
+                    line = lines[i]
+                    if i != last and not is_event(line, ollama):
+                        continue
+                    raw, obj = parse_event(line, ollama)
                     text = self._plain(obj)
+                    scan = first or i == last
                     if text is None:
-                        out.extend(await self._event(raw, obj, i == last))
-                    elif i != last:
+                        out.extend(await self._event(raw, obj, scan))
+                    elif not scan:
                         self._queue(raw, text)  # no coroutine for all but the last
                         continue
                     else:
                         out.extend(await self._feed(raw, text))
                     if self.violation is not None or self.broken is not None:
                         break
+                    if first and out and i != last:
+                        first = False
+                        yield b"".join(out)
+                        out = []
                 if out:
+                    first = False
                     yield b"".join(out)  # what arrived together goes out in one write
                 if self.violation is not None or self.broken is not None:
                     break

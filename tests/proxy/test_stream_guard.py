@@ -261,3 +261,66 @@ def test_what_the_client_gets_does_not_depend_on_how_the_upstream_bytes_were_rea
     else:
         # Nothing rewritten: every chunk goes out as Ollama sent it, in every case.
         assert together == one_by_one == mid_line == b"".join(line for line in lines if line.strip())
+
+
+def test_guards_of_two_policies_in_one_process_each_use_their_own_scanners(engine, default_engine) -> None:
+    # A guard's scanners by stream mode are worked out once per policy state (stream._layout), not per stream:
+    # guards of two engines, made in turns, must each get their own policy's, and the right hold-back.
+    for _ in range(2):
+        mine, default = StreamGuard(engine, engine.settings), StreamGuard(default_engine, default_engine.settings)
+        assert [s.name for s in mine.pattern] == ["BanSubstrings", "Secrets"]
+        assert [s.name for s in default.pattern] == ["Secrets"] and default.hold == 0
+        assert mine.hold == len(BANNED_OUT) + 1  # BanSubstrings holds back its longest substring's length + 1
+        assert run(mine.feed(f"It said {BANNED_OUT} here. ")).violation is not None
+        assert run(default.feed(f"It said {BANNED_OUT} here. ")).violation is None
+
+
+def test_a_scanner_that_stops_being_loaded_is_no_longer_in_new_stream_guards() -> None:
+    # The layout cache must follow the policy: a scanner unloaded (failed reload, pruned model) leaves the
+    # guards made afterwards, and comes back with them when it is loaded again.
+    settings = load_settings(overrides=pure(), environ={})
+    eng = ScanEngine(build_policy(settings), settings)
+    try:
+        assert [s.name for s in StreamGuard(eng, settings).pattern] == ["BanSubstrings", "Secrets"]
+        ban = next(s for s in eng.policy.output if s.name == "BanSubstrings")
+        instance, ban.instance = ban.instance, None
+        assert [s.name for s in StreamGuard(eng, settings).pattern] == ["Secrets"]
+        ban.instance = instance
+        assert [s.name for s in StreamGuard(eng, settings).pattern] == ["BanSubstrings", "Secrets"]
+    finally:
+        eng.close()
+
+
+def test_the_first_word_goes_out_before_the_rest_of_its_read_is_scanned(default_engine) -> None:
+    # A fast model's first network read carries dozens of chunks: the first word that passed is written at
+    # once, not after every chunk of the read was parsed and scanned; the rest follows in one write.
+    import orjson
+    from ollama_guard.dialects import ROUTES
+    from ollama_guard.relay import GuardedStream
+
+    words = ["Sure", ", ", "here ", "is ", "the ", "answer ", "you ", "asked ", "for. "] * 4
+    lines = [
+        orjson.dumps({"model": "m", "message": {"role": "assistant", "content": w}, "done": False}) + b"\n"
+        for w in words
+    ]
+    lines.append(orjson.dumps({"model": "m", "message": {"role": "assistant", "content": ""}, "done": True}) + b"\n")
+
+    async def go() -> tuple[list[bytes], list[int]]:
+        stream = GuardedStream(
+            _Upstream([b"".join(lines)]),
+            ROUTES["/api/chat"],
+            lambda side: StreamGuard(default_engine, default_engine.settings, side=side),
+            "m",
+            "stop",
+        )
+        pieces, seen = [], []
+        async for piece in stream.__aiter__():
+            pieces.append(piece)
+            seen.append(len(stream.seg.guard.text))  # how much of the answer the guard had read by then
+        return pieces, seen
+
+    pieces, seen = run(go())
+    first = [orjson.loads(x)["message"]["content"] for x in pieces[0].splitlines()]
+    assert "".join(first) == "Sure, " and seen[0] < len("".join(words)) // 4
+    assert b"".join(pieces) == b"".join(lines)  # nothing rewritten: Ollama's bytes, in order, all of them
+    assert len(pieces) <= 3  # the first word, the rest of the read, the end

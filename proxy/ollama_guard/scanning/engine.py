@@ -295,6 +295,12 @@ class ScanEngine:
                     self.metrics.observe_verdict(direction, v)
         return out
 
+    @staticmethod
+    def plan_of(scanners: list[GuardScanner]) -> _Plan:
+        """How `scanners` scan a text, worked out once: for a caller that scans with the same set many times
+        (`scan_window`'s `plan`)."""
+        return _Plan.of(scanners)
+
     async def scan_window(
         self,
         scanners: list[GuardScanner],
@@ -303,9 +309,11 @@ class ScanEngine:
         vault: Any = None,
         direction: str = "output",
         observe: bool = True,
+        plan: _Plan | None = None,
     ) -> Verdict:
-        """Scan with a subset of the output scanners, uncached: the streaming guard's windows."""
-        verdict = await self._scan_one(_Plan.of(scanners), text, prompt, vault)
+        """Scan with a subset of the output scanners, uncached: the streaming guard's windows. `plan`, when
+        given, is `plan_of(scanners)`."""
+        verdict = await self._scan_one(plan or _Plan.of(scanners), text, prompt, vault)
         if observe and self.metrics is not None:
             self.metrics.observe_verdict(direction, verdict)
         return verdict

@@ -48,6 +48,47 @@ class Step:
     violation: Verdict | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """A guard's scanners by stream mode, with their scan plans and hold-back: the same for every stream while
+    the policy's loaded scanners stay the same, so worked out once (`_layout`), not per stream."""
+
+    scanners: list[GuardScanner]  # the policy's list itself: the cache entry is valid while it is the current one
+    pattern: list[GuardScanner]
+    sentence: list[GuardScanner]
+    final: list[GuardScanner]  # "final" and "buffer"
+    buffered: bool
+    overlap: int
+    hold: int
+    plans: dict[int, Any]  # id(one of the four lists above) -> its scan plan (ScanEngine.plan_of)
+
+
+_LAYOUTS: dict[tuple[bool, int], _Layout] = {}
+
+
+def _layout(engine: ScanEngine, side: bool, default_overlap: int) -> _Layout:
+    active = engine.policy.side_output() if side else engine.policy.active("output")
+    key = (side, default_overlap)
+    found = _LAYOUTS.get(key)
+    if found is not None and found.scanners is active:
+        return found
+    pattern = [s for s in active if s.stream_mode == "pattern"]
+    sentence = [s for s in active if s.stream_mode == "sentence"]
+    final = [s for s in active if s.stream_mode in ("final", "buffer")]
+    layout = _Layout(
+        active,
+        pattern,
+        sentence,
+        final,
+        any(s.stream_mode == "buffer" for s in active),
+        max((s.overlap(default_overlap) for s in pattern), default=0),
+        max((s.hold(default_overlap) for s in pattern), default=0),
+        {id(x): engine.plan_of(x) for x in (active, pattern, sentence, final)},
+    )
+    _LAYOUTS[key] = layout  # replaces the entry of an earlier policy state: one per kind of guard
+    return layout
+
+
 class StreamGuard:
     """Decides how much of the streamed text may be released. Dialect-agnostic; one per run of one kind of
     text in a stream (the answer, or the model's thinking). A ``side`` guard watches text that is not the
@@ -57,14 +98,15 @@ class StreamGuard:
         self.engine = engine
         self.prompt = prompt
         self.vault = vault
-        active = engine.policy.side_output() if side else engine.policy.active("output")
-        self.scanners = active
-        self.pattern = [s for s in active if s.stream_mode == "pattern"]
-        self.sentence = [s for s in active if s.stream_mode == "sentence"]
-        self.final = [s for s in active if s.stream_mode in ("final", "buffer")]
-        self.buffered = any(s.stream_mode == "buffer" for s in active)
-        self.overlap = max((s.overlap(settings.stream.default_overlap) for s in self.pattern), default=0)
-        self.hold = max((s.hold(settings.stream.default_overlap) for s in self.pattern), default=0)
+        layout = _layout(engine, side, settings.stream.default_overlap)
+        self._plans = layout.plans
+        self.scanners = layout.scanners
+        self.pattern = layout.pattern
+        self.sentence = layout.sentence
+        self.final = layout.final
+        self.buffered = layout.buffered
+        self.overlap = layout.overlap
+        self.hold = layout.hold
         self.step = settings.stream.pattern_step
         self.context = settings.stream.sentence_context_chars
         self.text = ""
@@ -84,7 +126,8 @@ class StreamGuard:
 
     async def _run(self, scanners: list[GuardScanner], text: str) -> Verdict:
         self.scanned_chars += len(text) * len(scanners)
-        verdict = await self.engine.scan_window(scanners, text, self.prompt, self.vault)
+        plan = self._plans.get(id(scanners))
+        verdict = await self.engine.scan_window(scanners, text, self.prompt, self.vault, plan=plan)
         self.results.extend(verdict.results)
         return verdict
 

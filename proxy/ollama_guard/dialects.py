@@ -6,7 +6,9 @@ the guard stopped ends. Pure functions over parsed JSON; no I/O.
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,6 +214,30 @@ def answer_only_text(route: Route, obj: Any) -> str | None:
         return None
     text = holder.get(_key(route, holder, CONTENT))
     return text if isinstance(text, str) else ""
+
+
+def answer_text_reader(route: Route) -> Callable[[Any], str | None]:
+    """`answer_only_text` for one route, as a function of the chunk alone: a native route's fields looked up
+    once, not on every chunk of its streams (the OpenAI-compatible ones pick their keys per chunk)."""
+    if route.dialect != OLLAMA:
+        return functools.partial(answer_only_text, route)
+    content = _key(route, {}, CONTENT)
+    chat = route.kind == "chat"
+
+    def read(obj: Any) -> str | None:
+        holder = obj.get("message") if chat else obj
+        if type(holder) is not dict:
+            return ""
+        calls = holder.get("tool_calls")
+        if type(calls) is list and calls:
+            return None
+        thinking = holder.get("thinking")
+        if type(thinking) is str and thinking:
+            return None
+        text = holder.get(content)
+        return text if type(text) is str else ""
+
+    return read
 
 
 def split_parts(route: Route, obj: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:

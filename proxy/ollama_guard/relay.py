@@ -29,7 +29,7 @@ from .dialects import (
     CONTENT,
     OLLAMA,
     Route,
-    answer_only_text,
+    answer_text_reader,
     encode_ndjson,
     encode_sse,
     split_parts,
@@ -51,28 +51,36 @@ DONE = object()  # the SSE stream's closing `data: [DONE]`
 MAX_LINE_BYTES = 16 * 1024 * 1024
 
 
-async def _line_batches(resp: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
-    """The lines of the stream (each with its newline; the last may lack one), one list per read from the
-    network: what arrived together is relayed together, in one write. Raises ValueError for a line over
-    MAX_LINE_BYTES."""
-    parts: list[bytes] = []  # the line still arriving, in pieces (joined once: no quadratic copying)
-    size = 0
-    async for chunk in resp.content.iter_any():
+class LineSplitter:
+    """Cuts a stream's bytes into lines (each with its newline; the last of the stream may lack one), one list per
+    read from the network: what arrived together is relayed together, in one write."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []  # the line still arriving, in pieces (joined once: no quadratic copying)
+        self.size = 0
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The lines `chunk` completes. Raises ValueError for a line over MAX_LINE_BYTES."""
         lines = chunk.split(b"\n")  # split in C: a read carries hundreds of short lines from a fast model
         tail = lines.pop()  # what follows the last newline: the start of a line still arriving
+        parts = self.parts
         if lines and parts:
             parts.append(lines[0])
             lines[0] = b"".join(parts)
-            parts, size = [], 0
+            parts = self.parts = []
+            self.size = 0
         if tail:
             parts.append(tail)
-            size += len(tail)
-            if size > MAX_LINE_BYTES:
+            self.size += len(tail)
+            if self.size > MAX_LINE_BYTES:
                 raise ValueError(f"a stream line over {MAX_LINE_BYTES} bytes")
-        if lines:
-            yield [line + b"\n" for line in lines]
-    if parts:
-        yield [b"".join(parts)]
+        return [line + b"\n" for line in lines]
+
+    def end(self) -> list[bytes]:
+        """The stream ended: its last line if it lacked a newline."""
+        return [b"".join(self.parts)] if self.parts else []
 
 
 def is_event(line: bytes, ollama: bool) -> bool:
@@ -156,6 +164,8 @@ class GuardedStream:
         self.on_end = on_end  # called once with the violation (or None) when the stream ends in full
         self.on_abandon = on_abandon  # called instead when the client leaves before the end
         self.reported = False
+        self._ollama = route.dialect == OLLAMA
+        self._answer_text = answer_text_reader(route)
         self.guards: list[StreamGuard] = []
         self.seg = self._segment(CONTENT)
         self.last: dict[str, Any] = {}  # the last upstream chunk: where rebuilt chunks take model, id, created
@@ -211,7 +221,8 @@ class GuardedStream:
         seg.rewrite = True
 
     def _release(self, seg: _Segment, upto: int) -> list[bytes]:
-        self._sync_rewrite(seg)
+        if seg.guard.replacements != seg.seen_replacements:
+            self._sync_rewrite(seg)
         out: list[bytes] = []
         while seg.pending and seg.pending[0].end <= upto:
             e = seg.pending.popleft()
@@ -243,6 +254,9 @@ class GuardedStream:
         if not scan:
             return []
         seg = self.seg
+        upto = seg.guard.settle()
+        if upto is not None:  # nothing to scan yet
+            return self._release(seg, upto)
         step = await seg.guard.advance()
         if step.violation is not None:
             self.violation = step.violation
@@ -322,10 +336,12 @@ class GuardedStream:
         at all ("" then), taken in as `_event` would; None for any other event, which is left to `_event`."""
         if type(obj) is not dict or obj.get("error") is not None:
             return None
-        text = answer_only_text(self.route, obj)
+        text = self._answer_text(obj)
         if text is None or (text and self.seg.kind != CONTENT):
             return None
-        self._take(obj)
+        if self._ollama and obj.get("done") is True:  # `_take`, inline: this runs for every chunk
+            self.ended = True
+        self.last = obj
         return text
 
     def _take(self, obj: dict[str, Any]) -> None:
@@ -371,8 +387,16 @@ class GuardedStream:
         # of them to be read and scanned before it sees the first word.
         first = True
         try:
-            ollama = self.route.dialect == OLLAMA
-            async for lines in _line_batches(self.resp):
+            ollama = self._ollama
+            splitter = LineSplitter()
+            content = self.resp.content
+            ended = False
+            while not ended:
+                # readany, not `async for ... iter_any()` under a generator of lines: one frame fewer to pass per
+                # network read, and a stream is read in thousands of them.
+                chunk = await content.readany()
+                ended = not chunk
+                lines = splitter.end() if ended else splitter.feed(chunk)
                 out: list[bytes] = []
                 # What arrived together goes out together: its text is scanned once, at its last event. Each
                 # line is parsed as its turn comes, so the first release does not wait for the whole read.

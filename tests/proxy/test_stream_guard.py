@@ -179,15 +179,15 @@ def test_no_line_of_a_streamed_private_key_is_released(default_engine, size):
 
 
 class _Upstream:
-    """An aiohttp response whose body arrives in the given reads."""
+    """An aiohttp response whose body arrives in the given reads (`content.readany()`: the next read, then b""
+    for ever once the body has ended, as aiohttp's StreamReader does)."""
 
     def __init__(self, reads: list[bytes]) -> None:
-        self.reads = reads
+        self.reads = list(reads)
         self.content = self
 
-    async def iter_any(self):
-        for r in self.reads:
-            yield r
+    async def readany(self) -> bytes:
+        return self.reads.pop(0) if self.reads else b""
 
     def release(self) -> None:
         pass
@@ -324,3 +324,23 @@ def test_the_first_word_goes_out_before_the_rest_of_its_read_is_scanned(default_
     assert "".join(first) == "Sure, " and seen[0] < len("".join(words)) // 4
     assert b"".join(pieces) == b"".join(lines)  # nothing rewritten: Ollama's bytes, in order, all of them
     assert len(pieces) <= 3  # the first word, the rest of the read, the end
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 40])
+def test_settling_without_a_coroutine_releases_what_advance_releases(engine, size: int) -> None:
+    # Most chunks bring no scan, and the relay asks StreamGuard.settle (no coroutine) before advance: one guard
+    # fed that way and one that always advances must release the same text after every chunk.
+    text = f"Sure, the key is {AWS} and then {BANNED_OUT[:5]} more words follow here. " * 3
+
+    async def go() -> tuple[list[int], list[int]]:
+        settled, advanced = StreamGuard(engine, engine.settings), StreamGuard(engine, engine.settings)
+        a, b = [], []
+        for i in range(0, len(text), size):
+            settled.append(text[i : i + size])
+            upto = settled.settle()
+            a.append(upto if upto is not None else (await settled.advance()).release_to)
+            b.append((await advanced.feed(text[i : i + size])).release_to)
+        return a, b
+
+    a, b = run(go())
+    assert a == b and a[-1] > 0

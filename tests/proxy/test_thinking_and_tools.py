@@ -256,3 +256,30 @@ def test_a_call_whose_redaction_breaks_its_json_is_refused_not_sent_broken(start
         assert orjson.loads(r.content.strip().splitlines()[-1])["done_reason"] == "guard_blocked"
     else:
         assert r.status_code == 403 and r.headers["x-guard-decision"] == "blocked; scanners=Regex"
+
+
+def _chunk_shapes() -> list:
+    """Chunks of every shape a stream may carry, well-formed or not, for each place a route keeps its text."""
+    values = [None, "", "text", 3, [], ["x"], {}, {"a": 1}]
+    holders = []
+    for field in ("content", "response", "text", "thinking", "reasoning", "reasoning_content", "tool_calls"):
+        for v in values:
+            holders.append({field: v})
+            holders.append({"content": "answer", "response": "answer", "text": "answer", field: v})
+    shapes: list = [{}, {"done": True}]
+    for h in holders:
+        shapes += [h, {"message": h}, {"choices": [{"delta": h}]}, {"choices": [{"message": h}]}, {"choices": [h]}]
+    shapes += [{"message": v} for v in values] + [{"choices": v} for v in values]
+    return shapes
+
+
+@pytest.mark.parametrize("path", sorted(ROUTES))
+def test_a_routes_text_reader_reads_every_chunk_as_the_generic_reading_does(path: str) -> None:
+    # The stream's common chunk is read by a reader made once per route (dialects.answer_text_reader); it must
+    # say what answer_only_text says of every chunk: the text, "" for none, None for thinking or tool calls.
+    from ollama_guard.dialects import answer_only_text, answer_text_reader
+
+    route = ROUTES[path]
+    read = answer_text_reader(route)
+    for shape in _chunk_shapes():
+        assert read(shape) == answer_only_text(route, shape), shape

@@ -165,19 +165,30 @@ class StreamGuard:
         self.append(delta)
         return await self.advance() if scan else Step(self.released)
 
+    def _pattern_due(self) -> bool:
+        # The first pattern scan runs as soon as it can release something: a word ended after the first
+        # `hold` characters. Scanning earlier would release nothing; waiting for a whole step delays the first
+        # visible text (at ~30 tokens/s a 32-character step is ~0.25 s).
+        if self.p_scanned:
+            return len(self.text) - self.p_scanned >= self.step
+        return len(self.text) > self.hold and _SPACE.search(self.text, self.hold) is not None
+
+    def settle(self) -> int | None:
+        """How far the text appended so far may be released when no scan is due (what `advance` would return,
+        without a coroutine: most chunks of a stream bring no scan); None when one is due: call `advance`."""
+        if self.buffered:
+            return self.released
+        if self.sentence or (self.pattern and self._pattern_due()):
+            return None
+        self.released = self._limit()
+        return self.released
+
     async def advance(self) -> Step:
         """Scan what is due of the text appended so far and return how far it may be released."""
         if self.buffered:
             return Step(self.released)
         violation = None
-        # The first pattern scan runs as soon as it can release something: a word ended after the first
-        # `hold` characters. Scanning earlier would release nothing; waiting for a whole step delays the first
-        # visible text (at ~30 tokens/s a 32-character step is ~0.25 s).
-        new_chars = len(self.text) - self.p_scanned
-        if self.pattern and (
-            (self.p_scanned and new_chars >= self.step)
-            or (not self.p_scanned and len(self.text) > self.hold and _SPACE.search(self.text, self.hold))
-        ):
+        if self.pattern and self._pattern_due():
             violation = await self._scan_pattern()
         if violation is None and self.sentence:
             end = self._sentence_boundary()

@@ -7,10 +7,10 @@ Every answer the proxy writes itself goes through `error_response` or `make_resp
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any
 
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from .dialects import OLLAMA, OPENAI, error_body
@@ -201,28 +201,45 @@ async def iter_list(items: list[bytes]) -> Any:
         yield item
 
 
-class _DisconnectAwareStreamingResponse(StreamingResponse):
-    """Streams while watching for the client to go away, whatever ASGI spec version the server speaks.
+class _Streamed(Response):
+    """A streamed body: the start, then each chunk `body` yields, sent in the request's task while watching for the
+    client to go away, whatever ASGI spec version the server speaks.
 
     Starlette relies on `send` raising once the client is gone (ASGI >= 2.4), but a server may drop writes to
     a closed connection silently, and a guarded stream would then pull Ollama's whole answer for nobody.
-    Cancelling the body iterator runs its `finally`, which closes the upstream connection.
+    Cancelling the body iterator runs its `finally`, which closes the upstream connection. (Not starlette's
+    StreamingResponse: its headers normalisation and its per-chunk type check ran on every stream; an anyio
+    task group took two tasks and a cancel scope per stream, on the way to its first chunk.)
     """
 
+    def __init__(self, body: AsyncIterator[bytes], status: int, raw_headers: list[tuple[bytes, bytes]]) -> None:
+        self.body_iterator = body
+        self.status_code = status
+        self.raw_headers = raw_headers
+        self.background = None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Streams in this task under a DisconnectWatch (an anyio task group took two tasks and a cancel scope
-        # per stream, on the way to its first chunk).
         try:
-            await DisconnectWatch(receive).run(self.stream_response(send), last=True)
+            await DisconnectWatch(receive).run(self._send_all(send), last=True)
         except ClientGone:
             pass  # the body iterator's `finally` closed the upstream connection; nobody to send to
 
+    async def _send_all(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        async for chunk in self.body_iterator:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
 
 def stream_response(
-    gen: Any, status: int, headers: Sequence[tuple[str, str] | tuple[bytes, bytes]], media_type: str | None = None
+    gen: AsyncIterator[bytes],
+    status: int,
+    headers: Sequence[tuple[str, str] | tuple[bytes, bytes]],
+    media_type: str | None = None,
 ) -> Response:
-    r = _DisconnectAwareStreamingResponse(gen, status_code=status, media_type=media_type)
-    r.raw_headers = [h for h in r.raw_headers if h[0] == b"content-type"] + [
-        h for h in _raw_headers(headers) if h[0] != b"content-type" or media_type is None
-    ]
-    return r
+    """`gen`'s chunks as a streamed body with `headers` (str or raw pairs; a `media_type` replaces any Content-Type
+    among them)."""
+    raw = _raw_headers(headers)
+    if media_type is not None:
+        raw = [(b"content-type", media_type.encode("latin-1"))] + [h for h in raw if h[0] != b"content-type"]
+    return _Streamed(gen, status, raw)

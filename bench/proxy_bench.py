@@ -188,19 +188,40 @@ def ttfc(urls: list[str], rounds: int = 5, n: int = 40) -> list[float]:
     return [sorted(s)[len(s) // 2] for s in samples]
 
 
+TTFC_BODY = {"model": "llama3.2", "messages": [{"role": "user", "content": "REPEAT 20: streamed words. "}]}
+
+
+def _first_chunk_ms(client: httpx.Client, url: str) -> float:
+    """Milliseconds from sending a streamed /api/chat to its first body bytes (the stream is then read whole)."""
+    t = time.perf_counter()
+    first = None
+    with client.stream("POST", url + "/api/chat", json=TTFC_BODY) as r:
+        for _ in r.iter_raw():
+            if first is None:
+                first = (time.perf_counter() - t) * 1000
+    assert first is not None, f"{url} streamed no body"
+    return first
+
+
 def _ttfc_samples(url: str, n: int) -> list[float]:
-    body = {"model": "llama3.2", "messages": [{"role": "user", "content": "REPEAT 20: streamed words. "}]}
-    times = []
     with httpx.Client() as c:
+        return [_first_chunk_ms(c, url) for _ in range(n)]
+
+
+def ttfc_in_turn(urls: list[str], n: int = 150) -> list[float]:
+    """Median ms to the first streamed chunk for each of `urls`, one stream to each in turn, `n` times: every
+    server meets each request after the others had theirs, with its caches as cold as the others' (`ttfc`
+    sends 40 in a row to one server, which then meets them warm)."""
+    samples: list[list[float]] = [[] for _ in urls]
+    clients = [httpx.Client() for _ in urls]
+    try:
         for _ in range(n):
-            t = time.perf_counter()
-            with c.stream("POST", url + "/api/chat", json=body) as r:
-                first = True
-                for _ in r.iter_raw():
-                    if first:
-                        times.append((time.perf_counter() - t) * 1000)
-                        first = False
-    return times
+            for i, (url, c) in enumerate(zip(urls, clients, strict=True)):
+                samples[i].append(_first_chunk_ms(c, url))
+    finally:
+        for c in clients:
+            c.close()
+    return [sorted(s)[len(s) // 2] for s in samples]
 
 
 def ttfv(url: str, n: int = 15, tokens_per_s: float = 30.0) -> float:
@@ -524,6 +545,7 @@ def main() -> None:
                 args.rounds,
             )
         t_direct, t_pass, t_proxy = ttfc([direct, passthrough, proxy])
+        c_direct, c_pass, c_proxy = ttfc_in_turn([direct, passthrough, proxy])
         v_direct, v_proxy = ttfv(direct), ttfv(proxy)
         cpu_pass = stream_cpu(passthrough, passthrough_proc.pid)
         cpu_proxy = stream_cpu(proxy, procs[-1].pid)
@@ -564,6 +586,11 @@ def main() -> None:
             f"streaming time to first chunk p50: direct {t_direct:.2f} ms, pass-through {t_pass:.2f} ms "
             f"(+{t_pass - t_direct:.2f}), proxy {t_proxy:.2f} ms (+{t_proxy - t_direct:.2f}; "
             f"{(t_proxy - t_direct) / max(t_pass - t_direct, 1e-6):.2f}x the pass-through's)"
+        )
+        print(
+            f"  the same, one stream to each in turn: direct {c_direct:.2f} ms, pass-through {c_pass:.2f} ms "
+            f"(+{c_pass - c_direct:.2f}), proxy {c_proxy:.2f} ms (+{c_proxy - c_direct:.2f}; "
+            f"{(c_proxy - c_direct) / max(c_pass - c_direct, 1e-6):.2f}x the pass-through's)"
         )
         print(
             f"time to first visible text at ~30 tokens/s: direct {v_direct:.0f} ms, proxy {v_proxy:.0f} ms "

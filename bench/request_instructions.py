@@ -13,7 +13,9 @@ run, such as a collection of the oldest GC generation, skews it: run again). Row
 - the minimal pass-through's app (bench/passthrough.py), the reference;
 - the proxy, cache hit: the same non-streaming /api/chat body every time;
 - the proxy, unique ~300-character prompts (the fake Ollama answers with the prompt's text, so the answer is
-  new too): both are scanned, and both verdicts stored.
+  new too): both are scanned, and both verdicts stored;
+- a short stream (32 characters in 4-character chunks 2 ms apart, each in a read of its own; a cached prompt)
+  through the pass-through and the proxy: a stream's set-up and its per-chunk work.
 The policy is bench/proxy_bench.py's default-style one. Uvicorn's own work per request, the same for both
 apps, is not in these figures, so their ratio is lower than proxy_bench.py's requests/s ratio. Never asserts.
 """
@@ -33,12 +35,24 @@ from typing import Any
 from proxy_bench import POLICY, ROOT, SAME_BODY, free_port, wait_http
 
 WARM_UP = 200
+KINDS = ["passthrough", "hit", "unique", "passthrough-stream", "stream"]
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima".split()
 
 
+# A short stream: the fake Ollama answers "streamed words. " twice, in 4-character chunks (8 and the last), 2 ms
+# apart, so that each arrives in a read of its own, as a model's tokens do (and the count does not depend on
+# how many happened to arrive together).
+STREAM_BODY = (
+    b'{"model":"llama3.2","options":{"fake_delay_ms":2},'
+    b'"messages":[{"role":"user","content":"REPEAT 2: streamed words. "}]}'
+)
+
+
 def body(kind: str, i: int) -> bytes:
-    """The request body of request `i`: the same one (hit) or a fresh prompt ("REPLY:" makes the fake Ollama
-    answer with it)."""
+    """The request body of request `i`: the same one (hit), a short stream, or a fresh prompt ("REPLY:" makes the
+    fake Ollama answer with it)."""
+    if kind.endswith("stream"):
+        return STREAM_BODY
     if kind != "unique":
         return SAME_BODY.encode()
     prompt = (f"REPLY: NONCE-{i} " + " ".join(WORDS[(i + k * 7) % 12] for k in range(45)))[:300]
@@ -87,8 +101,9 @@ async def request(app: Any, raw: bytes) -> None:
 
 
 async def drive(kind: str, count: int, upstream: str) -> None:
-    """`count` requests of `kind` (passthrough, hit, unique), one at a time, after the app's start-up."""
-    if kind == "passthrough":
+    """`count` requests of `kind` (passthrough, passthrough-stream, hit, unique, stream), one at a time, after the
+    app's start-up."""
+    if kind.startswith("passthrough"):
         os.environ["UPSTREAM"] = upstream
         sys.path.insert(0, str(ROOT / "bench"))
         import passthrough
@@ -148,7 +163,7 @@ def instructions(kind: str, count: int, upstream: str) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=500, help="requests per step, after 200 of warm-up")
-    ap.add_argument("--drive", choices=["passthrough", "hit", "unique"], help=argparse.SUPPRESS)
+    ap.add_argument("--drive", choices=KINDS, help=argparse.SUPPRESS)
     ap.add_argument("--count", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--upstream", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -166,7 +181,7 @@ def main() -> None:
     )
     try:
         wait_http(upstream + "/", timeout=60)
-        kinds = ["passthrough", "hit", "unique"]
+        kinds = KINDS
         steps = (WARM_UP, WARM_UP + args.requests, WARM_UP + 2 * args.requests)
         runs = [(k, n) for k in kinds for n in steps]
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
@@ -183,10 +198,13 @@ def main() -> None:
             "passthrough": "minimal pass-through's app",
             "hit": "proxy, cache hit",
             "unique": "proxy, unique prompts",
+            "passthrough-stream": "pass-through, short stream",
+            "stream": "proxy, short stream",
         }
         for k in kinds:
+            ref = per["passthrough-stream" if k.endswith("stream") else "passthrough"]
             warn = f"   (increments differ by {spread[k]:.0%}: run again)" if spread[k] > 0.02 else ""
-            print(f"{names[k]:28s} {per[k] / 1000:9.0f}k   {per[k] / per['passthrough']:.2f}x the pass-through's{warn}")
+            print(f"{names[k]:28s} {per[k] / 1000:9.0f}k   {per[k] / ref:.2f}x the pass-through's{warn}")
     finally:
         fake.terminate()
         fake.wait()

@@ -382,7 +382,7 @@ class GuardedStream:
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         done = False
-        # Until the first bytes go out, every event is scanned as it comes and what it releases is written at
+        # Until the first text goes out, every event is scanned as it comes and what it releases is written at
         # once: a fast model's first read carries dozens of chunks, and the client should not wait for all
         # of them to be read and scanned before it sees the first word.
         first = True
@@ -420,11 +420,11 @@ class GuardedStream:
                     if self.violation is not None or self.broken is not None:
                         break
                     if first and out and i != last:
-                        first = False
+                        first = self.seg.sent == 0  # only chunks without text went: the first word is still to come
                         yield b"".join(out)
                         out = []
                 if out:
-                    first = False
+                    first = self.seg.sent == 0
                     yield b"".join(out)  # what arrived together goes out in one write
                 if self.violation is not None or self.broken is not None:
                     break

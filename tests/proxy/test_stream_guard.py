@@ -344,3 +344,39 @@ def test_settling_without_a_coroutine_releases_what_advance_releases(engine, siz
 
     a, b = run(go())
     assert a == b and a[-1] > 0
+
+
+def test_a_first_chunk_without_text_does_not_end_the_hurry_for_the_first_word(default_engine) -> None:
+    # An OpenAI-compatible stream may open with a chunk that has a role and no text: it goes out at once, and
+    # the first word that passed after it still goes out before the rest of the read is scanned.
+    import orjson
+    from ollama_guard.dialects import ROUTES
+    from ollama_guard.relay import GuardedStream
+
+    def event(delta: dict) -> bytes:
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+        return b"data: " + orjson.dumps({**chunk, "choices": [{"index": 0, "delta": delta}]}) + b"\n\n"
+
+    words = ["Sure", ", ", "here ", "is ", "the ", "answer ", "you ", "asked ", "for. "] * 4
+    blob = event({"role": "assistant", "content": ""}) + b"".join(event({"content": w}) for w in words)
+    blob += b"data: [DONE]\n\n"
+
+    async def go() -> list[bytes]:
+        stream = GuardedStream(
+            _Upstream([blob]),
+            ROUTES["/v1/chat/completions"],
+            lambda side: StreamGuard(default_engine, default_engine.settings, side=side),
+            "m",
+            "stop",
+        )
+        return [piece async for piece in stream.__aiter__()]
+
+    pieces = run(go())
+
+    def texts(piece: bytes) -> list[str]:
+        lines = [x[6:] for x in piece.split(b"\n\n") if x.startswith(b"data: {")]
+        return [orjson.loads(x)["choices"][0]["delta"].get("content", "") for x in lines]
+
+    assert texts(pieces[0]) == [""]  # the role chunk, alone
+    assert "".join(texts(pieces[1])) == "Sure, "  # then the first word, before the rest of the read
+    assert "".join(t for p in pieces for t in texts(p)) == "".join(words) and pieces[-1].endswith(b"[DONE]\n\n")

@@ -313,7 +313,7 @@ class ScanEngine:
     ) -> Verdict:
         """Scan with a subset of the output scanners, uncached: the streaming guard's windows. `plan`, when
         given, is `plan_of(scanners)`."""
-        verdict = await self._scan_one(plan or _Plan.of(scanners), text, prompt, vault)
+        verdict = await self._scan_one(plan if plan is not None else _Plan.of(scanners), text, prompt, vault)
         if observe and self.metrics is not None:
             self.metrics.observe_verdict(direction, verdict)
         return verdict

@@ -339,14 +339,12 @@ class GuardedStream:
         text = self._answer_text(obj)
         if text is None or (text and self.seg.kind != CONTENT):
             return None
-        if self._ollama and obj.get("done") is True:  # `_take`, inline: this runs for every chunk
-            self.ended = True
-        self.last = obj
+        self._take(obj)
         return text
 
     def _take(self, obj: dict[str, Any]) -> None:
         """A readable event arrived: the end of an Ollama stream (`done: true`), and the chunk rebuilt ones copy."""
-        if self.route.dialect == OLLAMA and obj.get("done") is True:
+        if self._ollama and obj.get("done") is True:
             self.ended = True
         self.last = obj
 

@@ -206,6 +206,12 @@ class Policy:
     def needs_vault(self) -> bool:
         return self._derived().needs_vault
 
+    def views(self) -> dict[Any, Any]:
+        """A dict that lives as long as the current state of what is loaded: where other modules keep what they
+        work out from the active scanners (stream.py: a stream guard's layout), so that it is worked out once
+        per state and dropped with it."""
+        return self._derived().views
+
 
 @dataclass(frozen=True, slots=True)
 class _Derived:
@@ -217,6 +223,7 @@ class _Derived:
     cacheable: dict[str, bool]  # direction -> no vault scanner among the active ones
     prompt_dependent: bool  # an active output scanner compares the answer with the prompt
     needs_vault: bool  # a loaded scanner keeps a per-request vault
+    views: dict[Any, Any] = field(default_factory=dict)  # Policy.views()
 
 
 def resolve_model(cfg: ScannerConfig, stype: registry.ScannerType, settings: Settings) -> tuple[str, ModelRef]:

@@ -51,9 +51,9 @@ class Step:
 @dataclass(frozen=True, slots=True)
 class _Layout:
     """A guard's scanners by stream mode, with their scan plans and hold-back: the same for every stream while
-    the policy's loaded scanners stay the same, so worked out once (`_layout`), not per stream."""
+    the policy's loaded scanners stay the same, so worked out once per state of the policy (`_layout`)."""
 
-    scanners: list[GuardScanner]  # the policy's list itself: the cache entry is valid while it is the current one
+    scanners: list[GuardScanner]
     pattern: list[GuardScanner]
     sentence: list[GuardScanner]
     final: list[GuardScanner]  # "final" and "buffer"
@@ -63,15 +63,13 @@ class _Layout:
     plans: dict[int, Any]  # id(one of the four lists above) -> its scan plan (ScanEngine.plan_of)
 
 
-_LAYOUTS: dict[tuple[bool, int], _Layout] = {}
-
-
 def _layout(engine: ScanEngine, side: bool, default_overlap: int) -> _Layout:
-    active = engine.policy.side_output() if side else engine.policy.active("output")
-    key = (side, default_overlap)
-    found = _LAYOUTS.get(key)
-    if found is not None and found.scanners is active:
+    views = engine.policy.views()
+    key = ("stream layout", side, default_overlap)
+    found = views.get(key)
+    if found is not None:
         return found
+    active = engine.policy.side_output() if side else engine.policy.active("output")
     pattern = [s for s in active if s.stream_mode == "pattern"]
     sentence = [s for s in active if s.stream_mode == "sentence"]
     final = [s for s in active if s.stream_mode in ("final", "buffer")]
@@ -85,7 +83,7 @@ def _layout(engine: ScanEngine, side: bool, default_overlap: int) -> _Layout:
         max((s.hold(default_overlap) for s in pattern), default=0),
         {id(x): engine.plan_of(x) for x in (active, pattern, sentence, final)},
     )
-    _LAYOUTS[key] = layout  # replaces the entry of an earlier policy state: one per kind of guard
+    views[key] = layout
     return layout
 
 

@@ -256,6 +256,10 @@ class Settings(_Section):
     """End an NDJSON stream the guard stopped with `answer_blocked_message` as its last text chunk, before
     the final chunk (`done_reason: guard_blocked`, `guard`): clients that show only text (Open WebUI's
     native connection) then show why the answer ends. SSE streams end with an error event instead."""
+    scanners_header: bool = False
+    """Send `X-Guard-Scanners` with each guarded answer: every scanner's top score and scan time (ms). Off by
+    default: the scores tell a caller how near a text came to being blocked, which helps tune an attack until
+    it passes. Operators read the same in the audit log (`scores`, `scan_ms`) and the scanner metrics."""
     scan_system_messages: bool = True
     """Scan system (and OpenAI developer) messages and /api/generate's `system`: a caller can put anything
     there, and Open WebUI puts retrieved documents there. False trusts every caller's system prompt."""

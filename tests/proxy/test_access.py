@@ -113,6 +113,21 @@ def test_security_headers_on_every_response(start_proxy):
     assert "max-age" in httpx.get(tls.url + "/health").headers["strict-transport-security"]
 
 
+def test_scanner_scores_are_not_shown_to_callers_unless_configured(start_proxy):
+    """Scores tell a caller how near a text came to being blocked: an oracle to tune an attack against."""
+    closed = start_proxy(**pure())
+    opened = start_proxy(**pure(scanners_header=True))
+    for text, status in (("hi", 200), ("FORBIDDENPROMPT", 403), ("my key is AKIAIOSFODNN7EXAMPLE", 200)):
+        shut, shown = chat(closed.url, text=text), chat(opened.url, text=text)
+        assert (shut.status_code, shown.status_code) == (status, status)
+        assert "x-guard-scanners" not in shut.headers and shut.headers["x-guard-decision"]
+        assert "input:Secrets;score=" in shown.headers["x-guard-scanners"]
+    streamed = httpx.post(
+        closed.url + "/api/chat", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    )
+    assert streamed.status_code == 200 and "x-guard-scanners" not in streamed.headers
+
+
 def test_request_id_is_taken_from_the_client(start_proxy):
     p = start_proxy(**pure())
     assert chat(p.url, {"X-Request-ID": "abc-123"}).headers["x-request-id"] == "abc-123"

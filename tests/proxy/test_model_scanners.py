@@ -52,7 +52,7 @@ def test_injection_model_blocks(start_proxy, models, upstream):
 
 
 def test_safe_models_allow_and_toxic_answer_is_blocked(start_proxy, models):
-    p = start_proxy(**policy(models, "inj-never", "tox-never"))
+    p = start_proxy(**policy(models, "inj-never", "tox-never"), scanners_header=True)
     r = chat(p.url, "hello world")
     assert r.status_code == 200 and r.headers["x-guard-decision"] == "allowed"
     assert "input:PromptInjection;score=" in r.headers["x-guard-scanners"]

@@ -14,7 +14,9 @@ measured in the same run: absolute numbers differ up to 4x between machines, rat
 
     .venv/bin/python bench/proxy_bench.py [--duration 8] [--rounds 3] [--backend memory|redis]
 
-The pass-through and the proxy cells take turns `--rounds` times and each reports its median run.
+The pass-through and the proxy cells take turns `--rounds` times and each reports its median run; each round's
+proxy cells are also given over the pass-through run just before them (their median cancels the machine's
+drift between rounds). The streaming CPU is measured in turns too.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -122,6 +125,7 @@ def worker_scaling(
     runs: dict[int, list[dict[str, float]]] = {1: [], 2: []}
     cpu = {"proxy": 0.0, "fake Ollama": 0.0, "wrk": 0.0}
     served = 0.0
+    two_cpu = two_served = 0.0
     for _ in range(rounds):
         for n, (url, pid) in ((1, one), (2, two)):
             p0, u0, w0 = cpu_seconds(pid), cpu_seconds(upstream_pid), children_cpu()
@@ -132,11 +136,24 @@ def worker_scaling(
                 cpu["fake Ollama"] += cpu_seconds(upstream_pid) - u0
                 cpu["wrk"] += children_cpu() - w0
                 served += cell["rps"] * duration
+            else:
+                two_cpu += cpu_seconds(pid) - p0
+                two_served += cell["rps"] * duration
     one_rps, two_rps = median_run(runs[1])["rps"], median_run(runs[2])["rps"]
     per_request = {k: v / served for k, v in cpu.items()}
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     ceiling = cores / sum(per_request.values())
-    return {"one": one_rps, "two": two_rps, "cores": cores, "ceiling": ceiling, **per_request}
+    # The two-worker proxy's own CPU per request (both workers): what each request costs once the workers share
+    # the metrics files (prometheus-client's multiprocess mode). Equal to one worker's, two workers with a core
+    # each to themselves would do twice one worker's requests/s.
+    return {
+        "one": one_rps,
+        "two": two_rps,
+        "cores": cores,
+        "ceiling": ceiling,
+        "two_proxy": two_cpu / two_served,
+        **per_request,
+    }
 
 
 def wrk(url: str, script: Path, conns: int, duration: int) -> dict[str, float]:
@@ -266,6 +283,17 @@ def stream_cpu(url: str, pid: int, chars: int = 16_000, repeat: int = 20) -> flo
                     pass
         used = cpu_seconds(pid) - before
     return used * 1000 / (chars * repeat / 1000)
+
+
+def stream_cpu_in_turn(servers: list[tuple[str, int]], rounds: int = 5, repeat: int = 10) -> list[float]:
+    """`stream_cpu` of each (url, pid), measured in turns (`rounds` x `repeat` streams each), median per server:
+    how many chunks the upstream's bytes hold per read, and so the cost per chunk, drifts with the machine's
+    load, and in turns the drift falls on every server alike."""
+    samples: list[list[float]] = [[] for _ in servers]
+    for _ in range(rounds):
+        for i, (url, pid) in enumerate(servers):
+            samples[i].append(stream_cpu(url, pid, repeat=repeat))
+    return [sorted(s)[len(s) // 2] for s in samples]
 
 
 def stream_scaling(url: str, sizes: tuple[int, ...] = (1_000, 4_000, 16_000, 64_000)) -> list[tuple[int, float]]:
@@ -508,6 +536,9 @@ def main() -> None:
         unique.write_text(UNIQUE_LUA)
         httpx.post(proxy + "/api/chat", content=SAME_BODY)  # warm the cache
         rows = []
+        paired: dict[
+            int, dict[str, list[float]]
+        ] = {}  # per round: the proxy cell over the pass-through's run before it
         model_cells: dict[int, tuple[dict[str, Any], dict[str, float]]] = {}
         counts: dict[tuple[int, str], tuple[int, int]] = {}
         for conns in (1, 16):
@@ -532,6 +563,10 @@ def main() -> None:
                     counts[(conns, name)] = (hits + h1 - h0, misses + m1 - m0)
             cells = {name: median_run(r) for name, r in runs.items()}
             rows.append((conns, d, cells["hit"], cells["unique"], cells["pt"]))
+            paired[conns] = {
+                name: [r["rps"] / pt["rps"] for r, pt in zip(runs[name], runs["pt"], strict=True)]
+                for name in ("hit", "unique")
+            }
         st = httpx.get(proxy + "/stats").json()
         scaling_w = None
         if not args.model:
@@ -547,8 +582,7 @@ def main() -> None:
         t_direct, t_pass, t_proxy = ttfc([direct, passthrough, proxy])
         c_direct, c_pass, c_proxy = ttfc_in_turn([direct, passthrough, proxy])
         v_direct, v_proxy = ttfv(direct), ttfv(proxy)
-        cpu_pass = stream_cpu(passthrough, passthrough_proc.pid)
-        cpu_proxy = stream_cpu(proxy, procs[-1].pid)
+        cpu_pass, cpu_proxy = stream_cpu_in_turn([(passthrough, passthrough_proc.pid), (proxy, procs[-1].pid)])
         scaling = [(n, d, p) for (n, d), (_, p) in zip(stream_scaling(direct), stream_scaling(proxy), strict=True)]
         extra = f", + PromptInjection on {args.model} ({backend_name(args)})" if args.model else ""
         print(
@@ -570,6 +604,15 @@ def main() -> None:
             print(
                 f"c={conns:<2} pass-through {pt['rps']:>7.0f} rps (p50 {pt['p50_ms']:.2f} ms) | "
                 f"cache hit {h['rps'] / pt['rps']:.2f}x | unique {u['rps'] / pt['rps']:.2f}x of the pass-through"
+            )
+            ratios = paired[conns]
+            print(
+                "     the same, each round over its own pass-through run: "
+                + " | ".join(
+                    f"{label} {' '.join(f'{x:.2f}' for x in ratios[name])} "
+                    f"(median {statistics.median(ratios[name]):.2f}x)"
+                    for name, label in (("hit", "cache hit"), ("unique", "unique"))
+                )
             )
         for (conns, name), (hits, misses) in sorted(counts.items()):
             total = hits + misses
@@ -613,7 +656,8 @@ def main() -> None:
                 f"({w['two'] / w['one']:.2f}x); CPU per request (one worker): proxy {w['proxy'] * 1e6:.0f} us, "
                 f"fake Ollama {w['fake Ollama'] * 1e6:.0f} us, wrk {w['wrk'] * 1e6:.0f} us -> on "
                 f"{w['cores']} cores shared with them, no number of workers passes {w['ceiling']:.0f} rps "
-                f"({w['ceiling'] / w['one']:.2f}x)"
+                f"({w['ceiling'] / w['one']:.2f}x); the two-worker proxy's CPU per request "
+                f"{w['two_proxy'] * 1e6:.0f} us ({w['two_proxy'] / w['proxy']:.2f}x one worker's)"
             )
         if args.model:
             report_model(args, model_dir, model_cells)

@@ -83,9 +83,13 @@ def create_app(settings: Settings, policy: Policy | None = None) -> FastAPI:
             ", ".join(s.name for s in state.policy.active("input")),
             ", ".join(s.name for s in state.policy.active("output")),
         )
+        flusher = asyncio.create_task(metrics.flush_every()) if metrics.multiprocess else None
         try:
             yield
         finally:
+            if flusher is not None:
+                flusher.cancel()
+                metrics.flush()
             await state.upstream.close()
             if state.cache:
                 await state.cache.close()

@@ -98,7 +98,7 @@ class Gate:
                 message = {**message, "headers": hdrs}
             await send(message)
 
-        st.metrics.in_flight.inc()
+        st.metrics.in_flight_count.inc()
         try:
             denial = None if path in PROBES else await self._check(scope, headers, path, dialect, extra)
             if denial is not None:
@@ -115,7 +115,7 @@ class Gate:
             else:
                 await self.app(scope, receive, send_wrapped)
         finally:
-            st.metrics.in_flight.dec()
+            st.metrics.in_flight_count.dec()
             elapsed = time.perf_counter() - started
             if st.settings.metrics_enabled:
                 m = st.metrics

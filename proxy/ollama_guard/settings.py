@@ -236,7 +236,8 @@ class Settings(_Section):
     ollama_url: str = "http://localhost:11434"
     """The Ollama server the proxy guards."""
     workers: int = Field(1, ge=1, le=64)
-    """uvicorn worker processes; metrics are aggregated across them."""
+    """uvicorn worker processes; metrics are aggregated across them (a scrape may miss the last second of
+    another worker's counts)."""
 
     enable_input_guard: bool = True
     """Scan prompts (user messages, and system/tool messages by the keys below)."""

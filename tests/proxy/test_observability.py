@@ -228,19 +228,21 @@ def test_metrics_are_correct_with_several_workers(upstream, tmp_path):
                 ).status_code
                 == 200
             )
-        for _ in range(4):  # whichever worker answers the scrape, it reports the whole pod
-            m = samples(url)
-            assert (
-                value(
-                    m,
-                    "ollama_guard_requests_total",
-                    route="/api/generate",
-                    dialect="ollama",
-                    status="200",
-                    decision="allowed",
-                )
-                == n
+
+        def counted() -> float:
+            return value(
+                samples(url),
+                "ollama_guard_requests_total",
+                route="/api/generate",
+                dialect="ollama",
+                status="200",
+                decision="allowed",
             )
+
+        # Each worker writes its counts to its file within a second (metrics.FLUSH_SECONDS).
+        wait_for(lambda: counted() == n, 30, f"{n} requests counted across both workers")
+        for _ in range(4):  # whichever worker answers the scrape, it reports the whole pod
+            assert counted() == n
     finally:
         proc.terminate()
         proc.wait(20)
@@ -271,3 +273,45 @@ def test_streamed_answers_get_an_audit_record_when_they_end(start_proxy, caplog)
     assert "Secrets" in sanitized["fired"] and sanitized["scan_ms"]["output:Secrets"] > 0
     assert stopped["route"] == "/api/generate" and stopped["decision"] == "blocked"
     assert stopped["stream_stopped"] is True and stopped["scores"]["output:BanSubstrings"] == 1.0
+
+
+def test_deferred_counts_export_as_prometheus_client_would():
+    """With several workers the request path's counts are kept in memory and flushed to the metric files
+    (metrics._Deferred*): once flushed, the export is what prometheus-client's own inc/observe would give,
+    an observation on a bucket's bound included."""
+    from ollama_guard.metrics import LATENCY_BUCKETS, _Deferred, _DeferredHistogram
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    reg = CollectorRegistry()
+    direct_h = Histogram("direct_seconds", "d", ["route"], buckets=LATENCY_BUCKETS, registry=reg)
+    kept_h = Histogram("kept_seconds", "k", ["route"], buckets=LATENCY_BUCKETS, registry=reg)
+    direct_c = Counter("direct", "d", registry=reg)
+    kept_c = Counter("kept", "k", registry=reg)
+    direct_g = Gauge("direct_now", "d", registry=reg)
+    kept_g = Gauge("kept_now", "k", registry=reg)
+    h, c, g = _DeferredHistogram(kept_h.labels("/api/chat")), _Deferred(kept_c), _Deferred(kept_g)
+
+    def exported(prefix: str) -> dict[tuple[str, tuple], float]:
+        return {
+            (smp.name.replace(prefix, "", 1), tuple(sorted(smp.labels.items()))): smp.value
+            for metric in reg.collect()
+            for smp in metric.samples
+            if smp.name.startswith(prefix) and not smp.name.endswith("_created")
+        }
+
+    for batch in ([0.0, 0.0004, 0.0005, 0.003, 0.005, 1, 121.0], [], [0.0025, 60, 1e9]):
+        for v in batch:
+            direct_h.labels("/api/chat").observe(v)
+            h.observe(v)
+            direct_c.inc(2)
+            c.inc(2)
+            direct_g.inc()
+            g.inc()
+        direct_g.dec(3)
+        g.dec(3)
+        assert exported("kept") != exported("direct") or not batch  # kept until the flush
+        h.flush()
+        c.flush()
+        g.flush()
+        # The same counts; the sum the same up to the order its floats were added in.
+        assert exported("kept") == pytest.approx(exported("direct"), rel=1e-12)

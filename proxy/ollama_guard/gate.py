@@ -88,12 +88,7 @@ class Gate:
             if message["type"] == "http.response.start":
                 outcome["status"] = message["status"]
                 hdrs = list(message.get("headers") or [])
-                for k, v in hdrs:
-                    if k == b"x-guard-decision":
-                        outcome["decision"] = v.split(b";", 1)[0].decode()
-                        break
-                else:
-                    outcome["decision"] = "allowed" if message["status"] < 400 else "error"
+                outcome["decision"] = _decision_of(hdrs, message["status"])
                 hdrs.extend(extra)
                 message = {**message, "headers": hdrs}
             await send(message)
@@ -110,8 +105,13 @@ class Gate:
                     audit_log.info("guarded request", extra={"audit": record, "request_id": rid})
                 await response(scope, receive, _with_decision(send_wrapped, decision))
             elif scope["method"] == "POST" and path in self.direct:
-                response = await self.direct[path](Request(scope, receive, send_wrapped))
-                await response(scope, receive, send_wrapped)
+                # The handler's response is at hand before it is sent: its headers take ours here, and its
+                # messages (a stream's every chunk) go to the server's `send` as they are, not through a wrapper.
+                response = await self.direct[path](Request(scope, receive))
+                outcome["status"] = response.status_code
+                outcome["decision"] = _decision_of(response.raw_headers, response.status_code)
+                response.raw_headers.extend(extra)  # a list made for this response
+                await response(scope, receive, send)
             else:
                 await self.app(scope, receive, send_wrapped)
         finally:
@@ -179,6 +179,14 @@ def _new_id() -> str:
     """32 hex digits, unique across processes: 64 random bits fixed per process, then a 64-bit counter (a
     uuid4 per request cost ~2 % of a cache hit's CPU)."""
     return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+
+
+def _decision_of(headers: list[tuple[bytes, bytes]], status: int) -> str:
+    """The guard's decision, as an answer's X-Guard-Decision gives it; without one, by the status."""
+    for k, v in headers:
+        if k == b"x-guard-decision":
+            return v.split(b";", 1)[0].decode()
+    return "allowed" if status < 400 else "error"
 
 
 def _with_decision(send: Send, decision: str) -> Send:

@@ -260,7 +260,8 @@ class Settings(_Section):
     scanners_header: bool = False
     """Send `X-Guard-Scanners` with each guarded answer: every scanner's top score and scan time (ms). Off by
     default: the scores tell a caller how near a text came to being blocked, which helps tune an attack until
-    it passes. Operators read the same in the audit log (`scores`, `scan_ms`) and the scanner metrics."""
+    it passes. Operators have the scores of the scanners that fired and every scan time in the audit log
+    (`scores`, `scan_ms`), and the scan times in the metrics."""
     scan_system_messages: bool = True
     """Scan system (and OpenAI developer) messages and /api/generate's `system`: a caller can put anything
     there, and Open WebUI puts retrieved documents there. False trusts every caller's system prompt."""

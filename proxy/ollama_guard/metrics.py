@@ -13,6 +13,7 @@ flushes every FLUSH_SECONDS: a scrape answered by another worker may miss the la
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from bisect import bisect_left
 from typing import Any
@@ -45,6 +46,8 @@ LATENCY_BUCKETS = (
     60,
     120,
 )
+log = logging.getLogger(__name__)
+
 SCAN_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
@@ -199,10 +202,14 @@ class Metrics:
             deferred.flush()
 
     async def flush_every(self, seconds: float = FLUSH_SECONDS) -> None:
-        """`flush` every `seconds`, for as long as the app runs (multiprocess mode; started by its lifespan)."""
+        """`flush` every `seconds`, for as long as the app runs (multiprocess mode; started by its lifespan). A
+        flush that fails (the metrics directory gone) is logged, and the next one runs as usual."""
         while True:
             await asyncio.sleep(seconds)
-            self.flush()
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - a metrics fault must not end the flushing
+                log.exception("writing metrics to PROMETHEUS_MULTIPROC_DIR failed")
 
     # -- recorded by the engine, the cache and the app ------------------------------------------------
     def observe_verdict(self, direction: str, verdict: Any) -> None:

@@ -315,3 +315,32 @@ def test_deferred_counts_export_as_prometheus_client_would():
         g.flush()
         # The same counts; the sum the same up to the order its floats were added in.
         assert exported("kept") == pytest.approx(exported("direct"), rel=1e-12)
+
+
+def test_a_failed_metrics_flush_is_logged_and_the_flushing_goes_on(caplog):
+    import asyncio
+
+    from ollama_guard.metrics import Metrics
+
+    metrics = Metrics()
+    flushes: list[int] = []
+    second = asyncio.Event()
+
+    def flush() -> None:
+        flushes.append(1)
+        if len(flushes) == 1:
+            raise OSError("the metrics directory is gone")
+        second.set()
+
+    metrics.flush = flush  # type: ignore[method-assign]
+
+    async def two_flushes() -> None:
+        task = asyncio.create_task(metrics.flush_every(0.001))
+        try:
+            await second.wait()
+        finally:
+            task.cancel()
+
+    with caplog.at_level(logging.ERROR, logger="ollama_guard.metrics"):
+        asyncio.run(asyncio.wait_for(two_flushes(), 30))
+    assert any("PROMETHEUS_MULTIPROC_DIR failed" in r.getMessage() for r in caplog.records)

@@ -195,6 +195,11 @@ def cache_counts(url: str) -> tuple[int, int]:
     return int(cache.get("hits", 0)), int(cache.get("misses", 0))
 
 
+def _middles(samples: list[list[float]]) -> list[float]:
+    """Each list's median sample (the upper middle one of an even count)."""
+    return [sorted(s)[len(s) // 2] for s in samples]
+
+
 def ttfc(urls: list[str], rounds: int = 5, n: int = 40) -> list[float]:
     """Median ms to the first streamed chunk for each of `urls`, measured in turns (`rounds` x `n` streams
     each), so that the machine's drift falls on all of them alike."""
@@ -202,7 +207,7 @@ def ttfc(urls: list[str], rounds: int = 5, n: int = 40) -> list[float]:
     for _ in range(rounds):
         for i, url in enumerate(urls):
             samples[i].extend(_ttfc_samples(url, n))
-    return [sorted(s)[len(s) // 2] for s in samples]
+    return _middles(samples)
 
 
 TTFC_BODY = {"model": "llama3.2", "messages": [{"role": "user", "content": "REPEAT 20: streamed words. "}]}
@@ -238,7 +243,7 @@ def ttfc_in_turn(urls: list[str], n: int = 150) -> list[float]:
     finally:
         for c in clients:
             c.close()
-    return [sorted(s)[len(s) // 2] for s in samples]
+    return _middles(samples)
 
 
 def ttfv(url: str, n: int = 15, tokens_per_s: float = 30.0) -> float:
@@ -293,7 +298,7 @@ def stream_cpu_in_turn(servers: list[tuple[str, int]], rounds: int = 5, repeat: 
     for _ in range(rounds):
         for i, (url, pid) in enumerate(servers):
             samples[i].append(stream_cpu(url, pid, repeat=repeat))
-    return [sorted(s)[len(s) // 2] for s in samples]
+    return _middles(samples)
 
 
 def stream_scaling(url: str, sizes: tuple[int, ...] = (1_000, 4_000, 16_000, 64_000)) -> list[tuple[int, float]]:
@@ -536,9 +541,8 @@ def main() -> None:
         unique.write_text(UNIQUE_LUA)
         httpx.post(proxy + "/api/chat", content=SAME_BODY)  # warm the cache
         rows = []
-        paired: dict[
-            int, dict[str, list[float]]
-        ] = {}  # per round: the proxy cell over the pass-through's run before it
+        # Per round: each proxy cell over the pass-through's run just before it.
+        paired: dict[int, dict[str, list[float]]] = {}
         model_cells: dict[int, tuple[dict[str, Any], dict[str, float]]] = {}
         counts: dict[tuple[int, str], tuple[int, int]] = {}
         for conns in (1, 16):

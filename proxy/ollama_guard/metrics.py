@@ -27,6 +27,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+log = logging.getLogger(__name__)
+
 LATENCY_BUCKETS = (
     0.0005,
     0.001,
@@ -46,8 +48,6 @@ LATENCY_BUCKETS = (
     60,
     120,
 )
-log = logging.getLogger(__name__)
-
 SCAN_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 

@@ -107,27 +107,22 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _guard_headers(
-    decision: str, fired: list[str], *groups: tuple[str, Sequence[Verdict]]
-) -> list[tuple[bytes, bytes]]:
-    """X-Guard-Decision, and X-Guard-Scanners when `groups` (given with `scanners_header` on) scanned anything
-    (ASGI raw pairs)."""
-    _, value = decision_header(decision, sorted(set(fired)) if fired else [])
-    out = [(b"x-guard-decision", value.encode("latin-1"))]
-    if groups:
-        sh = scan_header(*groups)
-        if sh:
-            out.append((b"x-guard-scanners", sh[1].encode("latin-1")))
-    return out
-
-
 class GuardedRoutes:
     def __init__(self, state: ProxyState):
         self.st = state
 
-    def _details(self, *groups: tuple[str, Sequence[Verdict]]) -> tuple[tuple[str, Sequence[Verdict]], ...]:
-        """The verdict groups X-Guard-Scanners reports: all of them with `scanners_header` on, else none."""
-        return groups if self.st.settings.scanners_header else ()
+    def _guard_headers(
+        self, decision: str, fired: list[str], *groups: tuple[str, Sequence[Verdict]]
+    ) -> list[tuple[bytes, bytes]]:
+        """X-Guard-Decision, and with `scanners_header` on X-Guard-Scanners for `groups` when they scanned
+        anything (ASGI raw pairs)."""
+        _, value = decision_header(decision, sorted(set(fired)) if fired else [])
+        out = [(b"x-guard-decision", value.encode("latin-1"))]
+        if self.st.settings.scanners_header:
+            sh = scan_header(*groups)
+            if sh:
+                out.append((b"x-guard-scanners", sh[1].encode("latin-1")))
+        return out
 
     # -- guarded routes --
     def guarded(self, route: Route) -> Callable[[Request], Awaitable[Response]]:
@@ -221,7 +216,7 @@ class GuardedRoutes:
         )
         if req.stream and resp.status == 200 and resp.headers.get("Content-Encoding") is None:
             watch.close()  # the streaming response watches for the client itself
-            guard_headers = _guard_headers(decision, fired, *self._details(("input", in_verdicts)))
+            guard_headers = self._guard_headers(decision, fired, ("input", in_verdicts))
             up_headers = response_headers(resp.raw_headers)
             if not out_on:  # no output scanner: the stream is relayed as it comes (nothing to scan)
                 self._audit(request, req, decision, fired, in_verdicts, [], resp.status, started, output_guard=False)
@@ -263,7 +258,7 @@ class GuardedRoutes:
         if not out_on:
             self._audit(request, req, decision, fired, in_verdicts, [], resp.status, started)
             return make_response(
-                body, resp.status, up_headers + _guard_headers(decision, fired, *self._details(("input", in_verdicts)))
+                body, resp.status, up_headers + self._guard_headers(decision, fired, ("input", in_verdicts))
             )
         out_verdicts, answer = await self._scan_answer(route, obj, req.prompt, vault)
         blocked_out = [v for v in out_verdicts if v.blocked]
@@ -278,8 +273,7 @@ class GuardedRoutes:
         return make_response(
             body,
             200,
-            up_headers
-            + _guard_headers(decision, fired, *self._details(("input", in_verdicts), ("output", out_verdicts))),
+            up_headers + self._guard_headers(decision, fired, ("input", in_verdicts), ("output", out_verdicts)),
         )
 
     async def _upstream_refused(
@@ -377,7 +371,7 @@ class GuardedRoutes:
         )
         over_budget = any(r.error == budget.BUDGET_ERROR for v in verdicts for r in v.results)
         decision = "error" if errored else "blocked"
-        headers = _guard_headers(decision, names, *self._details((direction, verdicts)))
+        headers = self._guard_headers(decision, names, (direction, verdicts))
         message_mode = s.blocked_response == "message" and req.route.kind in ("chat", "generate", "completion")
         self._audit(
             request,

@@ -204,13 +204,12 @@ class GuardedStream:
         return self._encode(with_text(self.route, tmpl, seg.guard.text[start:end], seg.kind))
 
     def _sync_rewrite(self, seg: _Segment) -> None:
-        """A sanitizer changed unreleased text: from now on text chunks are rebuilt from the guard's text.
+        """A sanitizer changed unreleased text (`_release` saw the guard's replacements grow): from now on text
+        chunks are rebuilt from the guard's text.
 
         Queued text chunks are dropped (their text lives on in the guard); markers past what the client has
         move to the end of the current text, after the rewritten stretch.
         """
-        if seg.guard.replacements == seg.seen_replacements:
-            return
         seg.seen_replacements = seg.guard.replacements
         end = len(seg.guard.text)
         kept: deque[_Entry] = deque()

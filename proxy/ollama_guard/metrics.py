@@ -212,15 +212,14 @@ class Metrics:
                 log.exception("writing metrics to PROMETHEUS_MULTIPROC_DIR failed")
 
     # -- recorded by the engine, the cache and the app ------------------------------------------------
-    def observe_verdict(self, direction: str, verdict: Any) -> None:
-        if verdict.cached:
-            return
-        for r in verdict.results:
-            self.child(self.scanner_seconds, r.scanner, direction).observe(r.ms / 1000.0)
-            if r.error:
-                self.child(self.scanner_errors, r.scanner, direction).inc()
-            elif not r.valid and r.action == "block":
-                self.child(self.scanner_blocks, r.scanner, direction).inc()
+    def scanner_children(self, scanner: str, direction: str) -> tuple[Any, Any, Any]:
+        """One scanner's children in one direction: (`scanner_seconds`, `scanner_errors`, `scanner_blocks`), as
+        `child` gives them (app._Observer keeps them per scanner)."""
+        return (
+            self.child(self.scanner_seconds, scanner, direction),
+            self.child(self.scanner_errors, scanner, direction),
+            self.child(self.scanner_blocks, scanner, direction),
+        )
 
     def cache_lookup(self, backend: str, hits: int, misses: int) -> None:
         if hits:

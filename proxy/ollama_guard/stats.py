@@ -41,17 +41,12 @@ class Stats:
         self.latency_ms.append(ms)
         self.recent.append(time.monotonic())
 
-    def verdict(self, direction: str, verdict: Any) -> None:
-        if verdict.cached:
-            return
-        for r in verdict.results:
-            st = self.scanners.get((direction, r.scanner))
-            if st is None:
-                st = self.scanners[(direction, r.scanner)] = ScannerStats()
-            st.scans += 1
-            st.fired += 1 if (not r.valid and not r.error) else 0
-            st.errors += 1 if r.error else 0
-            st.ms.append(r.ms)
+    def scanner(self, direction: str, name: str) -> ScannerStats:
+        """The record of scanner `name` in `direction` ("input" or "output"), made on first use."""
+        found = self.scanners.get((direction, name))
+        if found is None:
+            found = self.scanners[(direction, name)] = ScannerStats()
+        return found
 
     def rate(self, window: float = 60.0) -> float:
         cutoff = time.monotonic() - window

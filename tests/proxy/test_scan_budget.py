@@ -187,3 +187,37 @@ def test_short_texts_are_scanned_on_the_event_loop_except_by_site_regexes():
     inline = threads_used([{"type": "Secrets"}, {"type": "InvisibleText"}])
     assert inline == {"MainThread", next(n for n in inline if n.startswith("scan"))}
     assert all(n.startswith("scan") for n in threads_used([{"type": "Regex", "params": {"patterns": ["x+y"]}}]))
+
+
+def test_results_are_reported_in_the_policys_order_on_the_event_loop_and_on_a_thread():
+    """The chain runs detectors first, then sanitizers; a verdict still lists its results in the order the
+    policy names the scanners, whether the text was scanned inline (short) or on a pool thread (long), and
+    when a blocking detector cut the chain short."""
+    from ollama_guard.scanning.engine import ScanEngine
+    from ollama_guard.scanning.policy import build_policy
+    from ollama_guard.settings import load_settings
+
+    scanners = [
+        {"type": "InvisibleText"},
+        {"type": "Secrets", "action": "sanitize"},
+        {"type": "BanSubstrings", "params": {"substrings": ["forbidden"]}},
+        {"type": "TokenLimit", "params": {"limit": 100_000}},
+    ]
+    names = ["InvisibleText", "Secrets", "BanSubstrings", "TokenLimit"]
+    for short_circuit in (False, True):
+        settings = load_settings(
+            overrides={"input_scanners": scanners, "output_scanners": [], "short_circuit": short_circuit},
+            environ={},
+        )
+        engine = ScanEngine(build_policy(settings), settings)
+        try:
+            for text in ("a short prompt", "a long prompt " * 400):
+                verdict = asyncio.run(engine.scan("input", text))
+                assert [r.scanner for r in verdict.results] == names, (short_circuit, len(text))
+                blocked = asyncio.run(engine.scan("input", text + " forbidden"))
+                assert blocked.blocked
+                ran = [r.scanner for r in blocked.results]
+                expected = ["InvisibleText", "BanSubstrings"] if short_circuit else names
+                assert ran == expected, (short_circuit, len(text))
+        finally:
+            engine.close()

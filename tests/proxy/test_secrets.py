@@ -195,3 +195,55 @@ def test_an_ascii_text_folds_as_every_other_text_does():
     ascii_text = "".join(chr(c) for c in range(128))
     assert secrets.fold(ascii_text) == ascii_text.replace("\u0130", "i").lower().translate(secrets._FOLD)
     assert secrets.fold(ascii_text + "ſK") == ascii_text.lower() + "sk"
+
+
+def test_a_narrower_expression_is_searched_only_where_the_wider_one_matches(scanner):
+    """The screen skips Hex- after Base64HighEntropyString's expression missed a line: it is only done for an
+    expression whose every match the wider one matches too. Checked on strings generated from the narrower's
+    own parse tree, and refused for pairs where a wider class would match less or the classes do not nest."""
+    import random
+    import re
+    from re import _parser as sre_parse
+
+    from ollama_guard.scanning import secrets
+
+    assert secrets._screen is not None
+    gates = secrets._screen.wider
+    assert {(n.pattern, w.pattern) for n, w in gates.items()} and all("0123456789abcdef" in n.pattern for n in gates)
+    rng = random.Random(5)
+    for narrow, wide in gates.items():
+        tree = sre_parse.parse(narrow.pattern, narrow.flags)
+        matched = 0
+        for _ in range(300):
+            line = rng.choice(["", "x ", "conf: ", "k = "]) + _sample(tree, rng) + rng.choice(["", " tail", "\n"])
+            if narrow.search(line):
+                matched += 1
+                assert wide.search(line), (narrow.pattern, line)
+        assert matched > 100
+    for narrow, wide in [
+        (r"x[a-f]+y", r"x[a-e]+y"),  # the classes do not nest
+        (r"x[^a-f]+y", r"x[^a-z]+y"),  # negated: the wider list matches less
+        (r"(?!x[a-f])q", r"(?!x[a-z])q"),  # a negative lookahead: a wider class matches less
+        (r"x(?>[a-f]+)y", r"x(?>[a-z]+)y"),  # atomic: the wider one may not give back
+        (r"x[a-f]+y", r"x[a-f]+z"),  # not alike
+        (r"(?i)x[a-f]+", r"x[a-z]+"),  # flags differ
+    ]:
+        assert not secrets._narrower(re.compile(narrow), re.compile(wide)), (narrow, wide)
+    assert secrets._narrower(re.compile(r"(a|b)[0-9]+(c|$)"), re.compile(r"(a|b)[0-9a-z]+(c|$)"))
+
+
+def test_the_screen_with_its_gates_picks_the_plugins_every_expression_would(scanner):
+    """`_plugins_for` (literals and the narrower-expression gate) picks, line by line, the same plugins as
+    searching every expression of the screen on the line."""
+    import random
+
+    from ollama_guard.scanning import secrets
+
+    rng = random.Random(3)
+    hexes = ['k = "' + "".join(rng.choice("0123456789abcdef") for _ in range(40)) + '"' for _ in range(5)]
+    lines = list(SAMPLES) + list(PROSE) + hexes + ["id: deadbeefcafe", "x='ABCDEF0123'", "a:b", "'  '"]
+    for line in lines:
+        line = line.strip()
+        every = {id(p) for pattern, _, p in secrets._screen.entries if pattern.search(line)}
+        picked = {id(p) for p in secrets._plugins_for(line, secrets._screen_for(line))}
+        assert picked == every, line

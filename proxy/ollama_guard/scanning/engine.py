@@ -109,20 +109,6 @@ class GuardUnavailable(Exception):
     """A required scanner is not loaded: guarded traffic is refused."""
 
 
-def _timed_call(scanner: GuardScanner, text: str, prompt: str, vault: Any) -> tuple[str, ScanResult]:
-    started = time.perf_counter()
-    try:
-        out, valid, score = scanner.call(text, prompt, vault)
-        error = None
-    except budget.ScanBudgetExceeded:
-        out, valid, score, error = text, False, 1.0, budget.BUDGET_ERROR
-    except Exception as exc:  # reported per scanner; the engine decides block/allow by config
-        out, valid, score, error = text, False, 1.0, f"{type(exc).__name__}: {exc}"
-        log.warning("scanner %s raised %s", scanner.name, type(exc).__name__)
-    ms = (time.perf_counter() - started) * 1000.0
-    return out, ScanResult(scanner.name, bool(valid), float(score), ms, scanner.action, error)
-
-
 def _run_chain(
     detectors: list[GuardScanner],
     sanitizers: list[GuardScanner],
@@ -132,27 +118,39 @@ def _run_chain(
     short_circuit: bool,
     deadline: float | None = None,
 ) -> tuple[str, list[ScanResult]]:
-    """Pattern detectors on the original text, then the sanitizer chain, each on the output of the last. Runs in
-    a worker thread or inline, and stops at `deadline` (time.monotonic()): the scanner running reports the
-    budget error, the rest do not run."""
+    """Pattern detectors on the original text, then the sanitizer chain, each on the output of the last: the
+    output text and one result per scanner run, each with its run time. Runs in a worker thread or inline, and
+    stops at `deadline` (time.monotonic()): the scanner running reports the budget error, the rest do not run.
+    With `short_circuit`, a blocking detector that fired ends the chain. A scanner that raises is reported as
+    an error result (the engine blocks or allows by config), never raised."""
     previous = budget.enter(deadline)
     try:
         results: list[ScanResult] = []
-        for s in detectors:
-            _, res = _timed_call(s, text, prompt, vault)
+        current = text  # detectors come first, so they all see the original text
+        clock = time.perf_counter
+        started = clock()
+        for s in detectors + sanitizers if sanitizers else detectors:
+            try:
+                out, valid, score = s.call(current, prompt, vault)
+                error = None
+            except budget.ScanBudgetExceeded:
+                valid, score, error = False, 1.0, budget.BUDGET_ERROR
+            except Exception as exc:  # reported per scanner; the engine decides block/allow by config
+                valid, score, error = False, 1.0, f"{type(exc).__name__}: {exc}"
+                log.warning("scanner %s raised %s", s.name, type(exc).__name__)
+            now = clock()
+            res = ScanResult(s.name, bool(valid), float(score), (now - started) * 1000.0, s.action, error)
+            started = now
             results.append(res)
-            if res.error == budget.BUDGET_ERROR or (short_circuit and res.fired and s.action == "block"):
+            if error == budget.BUDGET_ERROR:
                 return text, results
-        current = text
-        for s in sanitizers:
-            out, res = _timed_call(s, current, prompt, vault)
-            results.append(res)
-            if res.error == budget.BUDGET_ERROR:
+            if s.action == "sanitize":
+                # A sanitizer's output replaces the text whenever it changed it (Deanonymize reports "valid" and
+                # still rewrites placeholders).
+                if error is None and out != current:
+                    current = out
+            elif short_circuit and res.fired and s.action == "block":
                 return text, results
-            # A sanitizer's output replaces the text whenever it changed it (Deanonymize reports "valid" and
-            # still rewrites placeholders).
-            if res.error is None and s.action == "sanitize" and out != current:
-                current = out
         return current, results
     finally:
         budget.leave(previous)
@@ -170,7 +168,11 @@ class _Plan:
     all: list[GuardScanner]
     timeout: float  # seconds: the chain's, or (a plan of one model) the model's
     inline: bool  # every scanner of the chain is a bounded pure one (INLINE_TYPES)
+    inline_only: bool  # inline, and no model scanner: the whole plan may run on the event loop
     chain_plan: _Plan | None = None  # with models: the plan of the chain alone, its own job
+    # The chain's results, all of them, put in the order of the scanners given (the policy's): positions in
+    # the chain's order, or None when the two orders are the same.
+    reorder: tuple[int, ...] | None = None
 
     @classmethod
     def of(cls, scanners: list[GuardScanner]) -> _Plan:
@@ -179,11 +181,15 @@ class _Plan:
         models = [s for s in scanners if s.action != "sanitize" and s.is_model]
         chain = pattern + sanitizers
         inline = all(s.cfg.type in INLINE_TYPES for s in chain)
-        chain_plan = cls(pattern, sanitizers, [], chain, chain, sum(s.cfg.timeout for s in chain), inline)
+        at = {id(s): i for i, s in enumerate(chain)}  # by identity: two scanners may be configured alike
+        positions = tuple(at[id(s)] for s in scanners if id(s) in at)
+        reorder = positions if positions != tuple(range(len(chain))) else None
+        timeout = sum(s.cfg.timeout for s in chain)
+        chain_plan = cls(pattern, sanitizers, [], chain, chain, timeout, inline, inline, None, reorder)
         if not models:
             return chain_plan
         timeout = chain_plan.timeout if chain else sum(s.cfg.timeout for s in models)
-        return cls(pattern, sanitizers, models, chain, chain + models, timeout, inline, chain_plan)
+        return cls(pattern, sanitizers, models, chain, chain + models, timeout, inline, False, chain_plan)
 
 
 class _Charge:
@@ -266,15 +272,18 @@ class ScanEngine:
         if self.policy.missing_required():
             raise GuardUnavailable(", ".join(s.name for s in self.policy.missing_required()))
         use_cache = self.cache is not None and self.policy.cacheable(direction)
-        verdicts: list[Verdict | None] = [None] * len(texts)
+        verdicts: list[Verdict] = [None] * len(texts)  # type: ignore[list-item]  # each filled below
         keys: list[str] = []
         if use_cache:
             keys = [self.cache_key(direction, t, prompt) for t in texts]
-            hits = await self.cache.get_many(keys)
-            for i, raw in enumerate(hits):
-                if raw is not None:
+            todo = []
+            for i, raw in enumerate(await self.cache.get_many(keys)):
+                if raw is None:
+                    todo.append(i)
+                else:
                     verdicts[i] = Verdict.from_cache(raw, texts[i])
-        todo = [i for i, v in enumerate(verdicts) if v is None]
+        else:
+            todo = list(range(len(texts)))
         if todo:
             groups = self._groups[direction]
             if len(todo) == 1:  # no task for a gather of one
@@ -288,12 +297,10 @@ class ScanEngine:
                     to_store.append((keys[i], v.to_cache()))
             if to_store:
                 await self.cache.set_many(to_store)
-        out = [v for v in verdicts if v is not None]
-        if self.metrics is not None:
-            for v in out:
-                if not v.cached:  # a cached verdict ran no scanner: nothing to observe
+            if self.metrics is not None:
+                for v in fresh:  # a cached verdict ran no scanner: nothing to observe
                     self.metrics.observe_verdict(direction, v)
-        return out
+        return verdicts
 
     @staticmethod
     def plan_of(scanners: list[GuardScanner]) -> _Plan:
@@ -319,9 +326,13 @@ class ScanEngine:
         return verdict
 
     async def _scan_one(self, plan: _Plan, text: str, prompt: str, vault: Any) -> Verdict:
-        if self._inline_ok(plan, text):
+        if plan.inline_only and len(text) <= self._inline_chars:  # _inline_ok
             # Pure scanners on a short text, on the event loop: nothing to wait for, so no slot is taken.
-            return self._combine(text, [self._inline(plan, text, prompt, vault)])
+            out, results = self._inline(plan, text, prompt, vault)
+            if plan.reorder is not None and len(results) == len(plan.chain):
+                results = [results[i] for i in plan.reorder]
+                return self._combine(text, [(out, results)], ordered=True)
+            return self._combine(text, [(out, results)], ordered=plan.reorder is None)
         async with self._slots:
             jobs = []
             if plan.chain:
@@ -351,16 +362,23 @@ class ScanEngine:
         """Scanned right here, on the event loop: bounded pure scanners on a text of at most
         `scan_inline_max_chars` (a hand-off to a pool thread and back costs more than a 300-character
         Secrets scan of ~20-50 us)."""
-        return not plan.models and plan.inline and len(text) <= self._inline_chars
+        return plan.inline_only and len(text) <= self._inline_chars
 
     def _inline(self, plan: _Plan, text: str, prompt: str, vault: Any) -> tuple[str, list[ScanResult]]:
-        charge = _Charge()
-        if charge.exhausted:
-            return _over_budget(plan, text)
+        """The chain of an inline plan (`_inline_ok`), here and now, within the request's scan budget: what a
+        `_Charge` does for a pooled job, written out (this runs for most texts scanned)."""
+        spent = budget.current_budget.get()
+        started = time.monotonic()
+        deadline = None
+        if spent is not None:
+            deadline = started + spent.seconds - spent.used
+            if deadline <= started:
+                return _over_budget(plan, text)
         try:
-            return self._chain(plan, text, prompt, vault, charge.deadline)
+            return _run_chain(plan.pattern, plan.sanitizers, text, prompt, vault, self.settings.short_circuit, deadline)
         finally:
-            charge.done()
+            if spent is not None:
+                spent.used += time.monotonic() - started
 
     def _chain(
         self, plan: _Plan, text: str, prompt: str, vault: Any, deadline: float | None
@@ -412,8 +430,9 @@ class ScanEngine:
         except TimeoutError:
             return text, [ScanResult(s.name, False, 1.0, timeout * 1000.0, s.action, "timeout") for s in scanners]
 
-    def _combine(self, text: str, parts: list[tuple[str, list[ScanResult]]]) -> Verdict:
-        # The first part holds the sanitizer chain's output when there are sanitizers.
+    def _combine(self, text: str, parts: list[tuple[str, list[ScanResult]]], ordered: bool = False) -> Verdict:
+        """The verdict of `parts` (a job's output text and results each; the first holds the sanitizer chain's
+        output when there are sanitizers), its results in the policy's order (`ordered`: they already are)."""
         new_text = text
         results: list[ScanResult] = []
         for out, res in parts:
@@ -432,7 +451,7 @@ class ScanEngine:
             if fail_closed or r.error == budget.BUDGET_ERROR or r.action == "sanitize":
                 blocked = True
         sanitized = new_text != text
-        if len(results) > 1:
+        if len(results) > 1 and not ordered:
             order = self._order
             results.sort(key=lambda r: order.get(r.scanner, 0))
         return Verdict(new_text, blocked, sanitized and not blocked, errored, results)
@@ -451,5 +470,4 @@ def _submitter(scanner: GuardScanner) -> Any:
 def _one_model(scanner: GuardScanner, text: str, prompt: str, vault: Any) -> tuple[str, list[ScanResult]]:
     """A model scanner that is not batched, on a pool thread (models do not check the budget's deadline: the
     job's timeout, cut to the budget left, bounds them)."""
-    out, res = _timed_call(scanner, text, prompt, vault)
-    return text, [res]
+    return text, _run_chain([scanner], [], text, prompt, vault, False)[1]

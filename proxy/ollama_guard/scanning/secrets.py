@@ -23,7 +23,9 @@ some literal text to match (a keyword, a prefix such as `AKIA`), so each carries
 any match must contain (read off the expression's parse tree), and runs only on lines that contain one. The
 comparison is made on text folded the way `re.IGNORECASE` folds it, so a case-insensitive expression is
 never skipped for a line it would match: 612 µs -> 90 µs on 512 characters of prose; the literals are found
-in one Aho-Corasick pass over the text (`Screen`), 90 -> 21 µs.
+in one Aho-Corasick pass over the text (`Screen`), 90 -> 21 µs (ahocorasick-rs: 0.8 µs per 300 characters,
+pyahocorasick's 3 µs). The two expressions that need no literal (the high-entropy strings') are nested: a
+line the base64 one misses, the hex one misses too (`_narrower`), and is not searched again.
 
 A line some expression matches is then examined by the plugins of those expressions only, through
 detect-secrets' own line scan and filters (`scan_lines`): the cost is linear in the text and checks the
@@ -46,7 +48,7 @@ from re import _constants as sre  # type: ignore[attr-defined]
 from re import _parser as sre_parse  # type: ignore[attr-defined]
 from typing import Any
 
-import ahocorasick
+import ahocorasick_rs
 from detect_secrets.core.scan import MAX_LINE_LENGTH, MIN_LINE_LENGTH, _is_filtered_out, _scan_line, get_filters
 from detect_secrets.core.secrets_collection import SecretsCollection
 from detect_secrets.plugins.base import BasePlugin, RegexBasedDetector
@@ -165,14 +167,91 @@ def _required(items: sre_parse.SubPattern | list) -> set[str] | None:
 Entry = tuple[re.Pattern[str], tuple[str, ...] | None, BasePlugin]
 
 
+def _chars(items: list) -> frozenset[str] | None:
+    """The characters of a character class made only of literals and ranges (a parse item's argument), or None
+    for any other class (negated, or with a category such as \\d)."""
+    out: set[str] = set()
+    for op, av in items:
+        if op is sre.LITERAL:
+            out.add(chr(av))
+        elif op is sre.RANGE and av[1] - av[0] < 0x1000:
+            out.update(chr(c) for c in range(av[0], av[1] + 1))
+        else:
+            return None
+    return frozenset(out)
+
+
+def _parsed(pattern: re.Pattern[str]) -> Any:
+    """The expression's parse tree, or None where this Python's private parser cannot read it."""
+    try:
+        return sre_parse.parse(pattern.pattern, pattern.flags)
+    except Exception:  # noqa: BLE001 - a private parser of another Python: no gate, never a miss
+        return None
+
+
+def _narrower(narrow: re.Pattern[str], wide: re.Pattern[str], trees: dict[str, Any] | None = None) -> bool:
+    """Whether every line `narrow` matches is also matched by `wide` (see `_items_within`); False when unsure.
+    `trees`: parse trees by expression source, reused across calls."""
+    if narrow.flags != wide.flags or narrow.pattern == wide.pattern:
+        return False
+    trees = {} if trees is None else trees
+    for p in (narrow, wide):
+        if p.pattern not in trees:
+            trees[p.pattern] = _parsed(p)
+    a, b = trees[narrow.pattern], trees[wide.pattern]
+    return a is not None and b is not None and _items_within(a, b)
+
+
+def _items_within(narrow: Any, wide: Any) -> bool:
+    """Two parse trees alike but where a character class of `narrow` is within `wide`'s at the same place,
+    inside groups, branches, repeats and positive lookarounds only. Every string `narrow` matches, `wide` then
+    matches too: a backtracking search finds a match wherever one exists, and the path `narrow`'s match took
+    is open to `wide` (each class takes at least the same characters; identical parts, atomic ones included,
+    behave identically from the same position)."""
+    narrow, wide = list(narrow), list(wide)
+    if len(narrow) != len(wide):
+        return False
+    for (op_a, av_a), (op_b, av_b) in zip(narrow, wide, strict=True):
+        if op_a is not op_b:
+            return False
+        if av_a == av_b:
+            continue
+        if op_a is sre.IN:
+            ca, cb = _chars(av_a), _chars(av_b)
+            if ca is None or cb is None or not ca <= cb:
+                return False
+        elif op_a is sre.SUBPATTERN:
+            if av_a[:3] != av_b[:3] or not _items_within(av_a[3], av_b[3]):
+                return False
+        elif op_a is sre.BRANCH:
+            if len(av_a[1]) != len(av_b[1]) or not all(
+                _items_within(x, y) for x, y in zip(av_a[1], av_b[1], strict=True)
+            ):
+                return False
+        elif op_a in (sre.MAX_REPEAT, sre.MIN_REPEAT):
+            if av_a[:2] != av_b[:2] or not _items_within(av_a[2], av_b[2]):
+                return False
+        elif op_a is sre.ASSERT:
+            if av_a[0] != av_b[0] or not _items_within(av_a[1], av_b[1]):
+                return False
+        else:  # a negative lookaround, an atomic group or possessive repeat, a negated class: not monotone
+            return False
+    return True
+
+
 @dataclass(frozen=True)
 class Screen:
     """The plugins' expressions, and the index that picks, for a text, those whose literals occur in it."""
 
     entries: list[Entry]
-    automaton: ahocorasick.Automaton | None  # every literal of the entries, found in one pass
+    automaton: ahocorasick_rs.AhoCorasick | None  # every literal of the entries, found in one pass
     always: list[int]  # entries with no literal: tried on every text
+    always_entries: list[Entry]  # those entries (do not modify: returned as they are by entries_for)
     by_literal: dict[str, list[int]]  # literal -> the entries that need it
+    by_match: list[list[int]]  # the automaton's pattern index -> the entries that need that literal
+    # An expression -> an earlier one that matches every line it matches (`_narrower`): a line the wider one
+    # did not match is not searched with the narrower one (Hex- within Base64HighEntropyString's).
+    wider: dict[re.Pattern[str], re.Pattern[str]]
 
     @classmethod
     def build(cls) -> Screen | None:
@@ -187,31 +266,38 @@ class Screen:
                 return None
             entries.extend((p, required_literals(p), plugin) for p in patterns)
         by_literal: dict[str, list[int]] = {}
-        for i, (_, literals, _) in enumerate(entries):
-            for lit in literals or ():
+        for i, (_, needed, _) in enumerate(entries):
+            for lit in needed or ():
                 by_literal.setdefault(lit, []).append(i)
         automaton = None
-        if by_literal:
-            automaton = ahocorasick.Automaton()
-            for lit in by_literal:
-                automaton.add_word(lit, lit)
-            automaton.make_automaton()
-        always = [i for i, (_, literals, _) in enumerate(entries) if literals is None]
-        return cls(entries, automaton, always, by_literal)
+        literals = list(by_literal)
+        if literals:
+            automaton = ahocorasick_rs.AhoCorasick(literals, matchkind=ahocorasick_rs.MatchKind.Standard)
+        always = [i for i, (_, needed, _) in enumerate(entries) if needed is None]
+        wider: dict[re.Pattern[str], re.Pattern[str]] = {}
+        trees: dict[str, Any] = {}
+        for i, (narrow, _, _) in enumerate(entries):
+            for wide, _, _ in entries[:i]:
+                if _narrower(narrow, wide, trees):
+                    wider[narrow] = wide
+                    break
+        by_match = [by_literal[lit] for lit in literals]
+        return cls(entries, automaton, always, [entries[i] for i in always], by_literal, by_match, wider)
 
     def entries_for(self, text: str, folded: str | None = None) -> list[Entry]:
         """The entries that can match somewhere in `text` (`folded`: fold(text), if the caller has it):
-        every literal occurring in it is found in one Aho-Corasick pass (pyahocorasick, C), so a line is then
-        tried against a few expressions, not ~190 (~190 substring searches per text were the largest cost of
-        a streamed answer's windows)."""
-        found: set[str] = set()
+        every literal occurring in it is found in one Aho-Corasick pass (ahocorasick-rs, Rust: ~0.8 us for 300
+        characters, pyahocorasick took ~3 us), so a line is then tried against a few expressions, not ~190
+        (~190 substring searches per text were the largest cost of a streamed answer's windows)."""
+        found: list[tuple[int, int, int]] = []
         if self.automaton is not None:
-            found = {literal for _, literal in self.automaton.iter(fold(text) if folded is None else folded)}
+            found = self.automaton.find_matches_as_indexes(fold(text) if folded is None else folded, overlapping=True)
         if not found:  # most texts: only the expressions that need no literal
-            return [self.entries[i] for i in self.always]
+            return self.always_entries
         chosen = set(self.always)
-        for literal in found:
-            chosen.update(self.by_literal[literal])
+        by_match = self.by_match
+        for index, _, _ in found:
+            chosen.update(by_match[index])
         return [self.entries[i] for i in sorted(chosen)]
 
 
@@ -242,13 +328,19 @@ def _plugins_for(line: str, screen: list[Entry] | None, folded: str | None = Non
     if folded is None:
         folded = fold(line) if any(needles for _, needles, _ in screen) else line
     found: list[BasePlugin] = []
+    wider = _screen.wider if _screen is not None else {}
+    missed: set[re.Pattern[str]] = set()  # expressions searched that did not match
     for pattern, needles, plugin in screen:
         if needles is not None and not any(n in folded for n in needles):
             continue
         if found and any(p is plugin for p in found):
             continue
+        if wider and wider.get(pattern) in missed:
+            continue
         if pattern.search(line):
             found.append(plugin)
+        else:
+            missed.add(pattern)
     return found
 
 

@@ -16,7 +16,9 @@ measured in the same run: absolute numbers differ up to 4x between machines, rat
 
 The pass-through and the proxy cells take turns `--rounds` times and each reports its median run; each round's
 proxy cells are also given over the pass-through run just before them (their median cancels the machine's
-drift between rounds). The streaming CPU is measured in turns too.
+drift between rounds). The streaming CPU is measured in turns too. Each cell's server CPU per request (the
+pass-through's, the proxy's), over all its rounds, is printed too: wall-clock ratios move with the machine
+more than with the code, the CPU a request takes much less.
 """
 
 from __future__ import annotations
@@ -188,6 +190,15 @@ def wrk(url: str, script: Path, conns: int, duration: int) -> dict[str, float]:
         "p99_ms": lat["99"],
         "non2xx": int(errors.group(1)) if errors else 0,
     }
+
+
+def _add_cpu(
+    totals: dict[tuple[int, str], list[float]], key: tuple[int, str], seconds: float, cell: dict[str, float], args: Any
+) -> None:
+    """Adds one wrk run's server CPU seconds and the requests it served (rps x duration) to `totals[key]`."""
+    total = totals.setdefault(key, [0.0, 0.0])
+    total[0] += seconds
+    total[1] += cell["rps"] * args.duration
 
 
 def cache_counts(url: str) -> tuple[int, int]:
@@ -545,6 +556,8 @@ def main() -> None:
         paired: dict[int, dict[str, list[float]]] = {}
         model_cells: dict[int, tuple[dict[str, Any], dict[str, float]]] = {}
         counts: dict[tuple[int, str], tuple[int, int]] = {}
+        # Per (conns, cell): the server's CPU seconds and the requests it served, over all rounds.
+        server_cpu: dict[tuple[int, str], list[float]] = {}
         for conns in (1, 16):
             d = wrk(direct + "/api/chat", same, conns, args.duration)
             # The pass-through and the proxy cells take turns, `rounds` times, and each cell reports its
@@ -552,13 +565,17 @@ def main() -> None:
             # measured once, at another moment than the proxy, made single-run ratios swing as much.
             runs: dict[str, list[dict[str, float]]] = {"pt": [], "hit": [], "unique": []}
             for _ in range(args.rounds):
+                c0 = cpu_seconds(passthrough_proc.pid)
                 runs["pt"].append(wrk(passthrough + "/api/chat", same, conns, args.duration))
+                _add_cpu(server_cpu, (conns, "pt"), cpu_seconds(passthrough_proc.pid) - c0, runs["pt"][-1], args)
                 for name, script in (("hit", same), ("unique", unique)):
                     if name == "unique":  # a new nonce for every wrk run: counters restart with each run
                         unique.write_text(f'local nonce = "{os.urandom(4).hex()}"\n' + UNIQUE_LUA)
                     h0, m0 = cache_counts(proxy)
                     split0 = thread_cpu(procs[-1].pid, proxy) if args.model and name == "unique" else None
+                    c0 = cpu_seconds(procs[-1].pid)
                     runs[name].append(wrk(proxy + "/api/chat", script, conns, args.duration))
+                    _add_cpu(server_cpu, (conns, name), cpu_seconds(procs[-1].pid) - c0, runs[name][-1], args)
                     if split0 is not None:
                         split = cpu_split(split0, thread_cpu(procs[-1].pid, proxy))
                         model_cells[conns] = (split, runs[name][-1])
@@ -617,6 +634,12 @@ def main() -> None:
                     f"(median {statistics.median(ratios[name]):.2f}x)"
                     for name, label in (("hit", "cache hit"), ("unique", "unique"))
                 )
+            )
+            per = {n: server_cpu[(conns, n)][0] / server_cpu[(conns, n)][1] * 1e6 for n in ("pt", "hit", "unique")}
+            print(
+                f"     server CPU per request, all rounds: pass-through {per['pt']:.0f} us | "
+                f"cache hit {per['hit']:.0f} us ({per['hit'] / per['pt']:.2f}x) | "
+                f"unique {per['unique']:.0f} us ({per['unique'] / per['pt']:.2f}x)"
             )
         for (conns, name), (hits, misses) in sorted(counts.items()):
             total = hits + misses

@@ -110,26 +110,26 @@ class GuardUnavailable(Exception):
 
 
 def _run_chain(
-    detectors: list[GuardScanner],
-    sanitizers: list[GuardScanner],
+    chain: list[GuardScanner],
     text: str,
     prompt: str,
     vault: Any,
     short_circuit: bool,
     deadline: float | None = None,
 ) -> tuple[str, list[ScanResult]]:
-    """Pattern detectors on the original text, then the sanitizer chain, each on the output of the last: the
-    output text and one result per scanner run, each with its run time. Runs in a worker thread or inline, and
-    stops at `deadline` (time.monotonic()): the scanner running reports the budget error, the rest do not run.
-    With `short_circuit`, a blocking detector that fired ends the chain. A scanner that raises is reported as
-    an error result (the engine blocks or allows by config), never raised."""
+    """A plan's `chain` (pattern detectors, then sanitizers): detectors on the original text, then each
+    sanitizer on the output of the last. Returns the output text and one result per scanner run, each with its
+    run time. Runs in a worker thread or inline, and stops at `deadline` (time.monotonic()): the scanner
+    running reports the budget error, the rest do not run. With `short_circuit`, a blocking detector that
+    fired ends the chain. A scanner that raises is reported as an error result (the engine blocks or allows
+    by config), never raised."""
     previous = budget.enter(deadline)
     try:
         results: list[ScanResult] = []
         current = text  # detectors come first, so they all see the original text
         clock = time.perf_counter
         started = clock()
-        for s in detectors + sanitizers if sanitizers else detectors:
+        for s in chain:
             try:
                 out, valid, score = s.call(current, prompt, vault)
                 error = None
@@ -326,13 +326,14 @@ class ScanEngine:
         return verdict
 
     async def _scan_one(self, plan: _Plan, text: str, prompt: str, vault: Any) -> Verdict:
-        if plan.inline_only and len(text) <= self._inline_chars:  # _inline_ok
+        if self._inline_ok(plan, text):
             # Pure scanners on a short text, on the event loop: nothing to wait for, so no slot is taken.
             out, results = self._inline(plan, text, prompt, vault)
-            if plan.reorder is not None and len(results) == len(plan.chain):
-                results = [results[i] for i in plan.reorder]
-                return self._combine(text, [(out, results)], ordered=True)
-            return self._combine(text, [(out, results)], ordered=plan.reorder is None)
+            reorder = plan.reorder
+            if reorder is not None and len(results) == len(plan.chain):  # all ran: in the policy's order as planned
+                results = [results[i] for i in reorder]
+                reorder = None
+            return self._combine(text, [(out, results)], ordered=reorder is None)
         async with self._slots:
             jobs = []
             if plan.chain:
@@ -365,27 +366,20 @@ class ScanEngine:
         return plan.inline_only and len(text) <= self._inline_chars
 
     def _inline(self, plan: _Plan, text: str, prompt: str, vault: Any) -> tuple[str, list[ScanResult]]:
-        """The chain of an inline plan (`_inline_ok`), here and now, within the request's scan budget: what a
-        `_Charge` does for a pooled job, written out (this runs for most texts scanned)."""
-        spent = budget.current_budget.get()
-        started = time.monotonic()
-        deadline = None
-        if spent is not None:
-            deadline = started + spent.seconds - spent.used
-            if deadline <= started:
-                return _over_budget(plan, text)
+        charge = _Charge()
+        if charge.exhausted:
+            return _over_budget(plan, text)
         try:
-            return _run_chain(plan.pattern, plan.sanitizers, text, prompt, vault, self.settings.short_circuit, deadline)
+            return _run_chain(plan.chain, text, prompt, vault, self.settings.short_circuit, charge.deadline)
         finally:
-            if spent is not None:
-                spent.used += time.monotonic() - started
+            charge.done()
 
     def _chain(
         self, plan: _Plan, text: str, prompt: str, vault: Any, deadline: float | None
     ) -> tuple[str, list[ScanResult]]:
         if plan.models:  # a plan of one model scanner (not batched), made for its own job
             return _one_model(plan.models[0], text, prompt, vault)
-        return _run_chain(plan.pattern, plan.sanitizers, text, prompt, vault, self.settings.short_circuit, deadline)
+        return _run_chain(plan.chain, text, prompt, vault, self.settings.short_circuit, deadline)
 
     async def _pooled(self, plan: _Plan, text: str, prompt: str, vault: Any) -> tuple[str, list[ScanResult]]:
         """The plan's scanners on `text`: inline when `_inline_ok`, else on a pool thread when this request's
@@ -470,4 +464,4 @@ def _submitter(scanner: GuardScanner) -> Any:
 def _one_model(scanner: GuardScanner, text: str, prompt: str, vault: Any) -> tuple[str, list[ScanResult]]:
     """A model scanner that is not batched, on a pool thread (models do not check the budget's deadline: the
     job's timeout, cut to the budget left, bounds them)."""
-    return text, _run_chain([scanner], [], text, prompt, vault, False)[1]
+    return text, _run_chain([scanner], text, prompt, vault, False)[1]

@@ -123,9 +123,24 @@ def fold(text: str) -> str:
 def required_literals(pattern: re.Pattern[str]) -> tuple[str, ...] | None:
     """Folded strings one of which every match of `pattern` contains, or None where there are none (or the
     expression cannot be read: then it simply always runs)."""
+    return _literals(_parsed(pattern))
+
+
+def _parsed(pattern: re.Pattern[str]) -> Any:
+    """The expression's parse tree, or None where this Python's private parser cannot read it."""
     try:
-        found = _required(sre_parse.parse(pattern.pattern, pattern.flags))
+        return sre_parse.parse(pattern.pattern, pattern.flags)
     except Exception:  # noqa: BLE001 - a private parser of another Python: no prefilter, never a miss
+        return None
+
+
+def _literals(tree: Any) -> tuple[str, ...] | None:
+    """`required_literals` of a parse tree (None: unreadable)."""
+    if tree is None:
+        return None
+    try:
+        found = _required(tree)
+    except Exception:  # noqa: BLE001 - a tree of another Python's parser: no prefilter, never a miss
         return None
     return tuple(sorted({fold(x) for x in found})) if found else None
 
@@ -181,17 +196,9 @@ def _chars(items: list) -> frozenset[str] | None:
     return frozenset(out)
 
 
-def _parsed(pattern: re.Pattern[str]) -> Any:
-    """The expression's parse tree, or None where this Python's private parser cannot read it."""
-    try:
-        return sre_parse.parse(pattern.pattern, pattern.flags)
-    except Exception:  # noqa: BLE001 - a private parser of another Python: no gate, never a miss
-        return None
-
-
 def _narrower(narrow: re.Pattern[str], wide: re.Pattern[str], trees: dict[str, Any] | None = None) -> bool:
     """Whether every line `narrow` matches is also matched by `wide` (see `_items_within`); False when unsure.
-    `trees`: parse trees by expression source, reused across calls."""
+    `trees`: parse trees by expression source (`_parsed`), filled in as needed and reused across calls."""
     if narrow.flags != wide.flags or narrow.pattern == wide.pattern:
         return False
     trees = {} if trees is None else trees
@@ -206,8 +213,9 @@ def _items_within(narrow: Any, wide: Any) -> bool:
     """Two parse trees alike but where a character class of `narrow` is within `wide`'s at the same place,
     inside groups, branches, repeats and positive lookarounds only. Every string `narrow` matches, `wide` then
     matches too: a backtracking search finds a match wherever one exists, and the path `narrow`'s match took
-    is open to `wide` (each class takes at least the same characters; identical parts, atomic ones included,
-    behave identically from the same position)."""
+    is open to `wide` (each class takes at least the same characters; equal items match alike). Anything
+    else that differs, or any nested construct this does not walk (atomic groups, possessive repeats,
+    negative lookarounds), makes it answer False."""
     narrow, wide = list(narrow), list(wide)
     if len(narrow) != len(wide):
         return False
@@ -257,6 +265,7 @@ class Screen:
     def build(cls) -> Screen | None:
         """From the plugins in use; None if one of them is not expression-based."""
         entries: list[Entry] = []
+        trees: dict[str, Any] = {}
         for plugin in get_plugins():
             if isinstance(plugin, HighEntropyStringsPlugin):
                 patterns = [plugin.regex]
@@ -264,7 +273,9 @@ class Screen:
                 patterns = list(plugin.denylist)
             else:
                 return None
-            entries.extend((p, required_literals(p), plugin) for p in patterns)
+            for p in patterns:  # each parsed once, for its literals and for `_narrower`
+                trees[p.pattern] = _parsed(p)
+                entries.append((p, _literals(trees[p.pattern]), plugin))
         by_literal: dict[str, list[int]] = {}
         for i, (_, needed, _) in enumerate(entries):
             for lit in needed or ():
@@ -275,7 +286,6 @@ class Screen:
             automaton = ahocorasick_rs.AhoCorasick(literals, matchkind=ahocorasick_rs.MatchKind.Standard)
         always = [i for i, (_, needed, _) in enumerate(entries) if needed is None]
         wider: dict[re.Pattern[str], re.Pattern[str]] = {}
-        trees: dict[str, Any] = {}
         for i, (narrow, _, _) in enumerate(entries):
             for wide, _, _ in entries[:i]:
                 if _narrower(narrow, wide, trees):

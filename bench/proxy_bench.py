@@ -9,10 +9,14 @@ at concurrency 1 and 16. Each proxy cell prints the verdict-cache hits and misse
 unique cell with more than 1 % hits says so. Also the time to the first streamed chunk, the proxy's CPU per
 1,000 streamed characters, idle memory, and (without --model) cache hits on a two-worker proxy against the
 one-worker one, with the CPU per request of the proxy, the fake Ollama and wrk, which on a small machine
-bound what any number of workers can reach. Every proxy figure is also given as a ratio to the pass-through
-measured in the same run: absolute numbers differ up to 4x between machines, ratios do not. Never asserts.
+bound what any number of workers can reach. Then the same cell with each server held to a CPU budget
+(bench/cpu_budget.py, a cgroup; as root): one worker to `--cpu-budget` CPUs, two workers to twice that, the
+pass-through likewise, so that wrk and the fake Ollama run on the CPU left over and the two-worker rate over
+the one-worker rate shows how the server scales with a second worker and a second core's worth of CPU. Every
+proxy figure is also given as a ratio to the pass-through measured in the same run: absolute numbers differ up
+to 4x between machines, ratios do not. Never asserts.
 
-    .venv/bin/python bench/proxy_bench.py [--duration 8] [--rounds 3] [--backend memory|redis]
+    .venv/bin/python bench/proxy_bench.py [--duration 8] [--rounds 3] [--backend memory|redis] [--cpu-budget 0.4]
 
 The pass-through and the proxy cells take turns `--rounds` times and each reports its median run; each round's
 proxy cells are also given over the pass-through run just before them (their median cancels the machine's
@@ -155,6 +159,50 @@ def worker_scaling(
         "ceiling": ceiling,
         "two_proxy": two_cpu / two_served,
         **per_request,
+    }
+
+
+def start_passthrough(port: int, upstream_port: int, workers: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """bench/passthrough.py under uvicorn (uvloop, httptools) on `port`, with `workers` worker processes."""
+    return subprocess.Popen(
+        [PY, "-m", "uvicorn", "bench.passthrough:app", "--loop", "uvloop", "--http", "httptools"]
+        + ["--no-access-log", "--log-level", "warning", "--port", str(port), "--workers", str(workers)],
+        env={**env, "UPSTREAM": f"http://127.0.0.1:{upstream_port}", "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+    )
+
+
+def budget_scaling(
+    servers: dict[str, tuple[str, int]], script: Path, duration: int, rounds: int, cores: float
+) -> dict[str, Any]:
+    """Cache hits at c=16 with each server held to a CPU budget (bench/cpu_budget.py): the one-worker servers
+    ("pt1", "px1") to `cores` CPUs, the two-worker ones ("pt2", "px2") to twice that, in turns, median run each.
+    `servers` maps those names to (url, pid). Whatever wrk and the fake Ollama take comes out of the CPU left
+    over, so each server's rate is bounded by its own budget alone: the two-worker rate over the one-worker rate
+    is how the server scales when a second worker and a second core's worth of CPU are added, the figure a
+    machine with cores to spare would show. Also each server's CPU use in its runs (in cores): near its budget
+    when the budget is what bounds it; well under it, the figure does not measure scaling."""
+    from cpu_budget import CpuBudget
+
+    budgets = []
+    try:
+        for name, (_, pid) in servers.items():
+            budget = CpuBudget(name, cores * (2 if name.endswith("2") else 1))
+            budgets.append(budget)
+            budget.add(pid)
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
+        used = dict.fromkeys(servers, 0.0)
+        for _ in range(rounds):
+            for name, (url, pid) in servers.items():
+                c0 = cpu_seconds(pid)
+                runs[name].append(wrk(url + "/api/chat", script, 16, duration))
+                used[name] += (cpu_seconds(pid) - c0) / duration
+    finally:
+        for budget in budgets:
+            budget.close()
+    return {
+        name: {"rps": median_run(r)["rps"], "cores": used[name] / rounds, "budget": b.cores}
+        for (name, r), b in zip(runs.items(), budgets, strict=True)
     }
 
 
@@ -435,6 +483,12 @@ def main() -> None:
         "--rounds", type=int, default=3, help="pass-through and proxy cells take turns this many times (median)"
     )
     ap.add_argument("--backend", default="memory", choices=["memory", "redis"])
+    ap.add_argument(
+        "--cpu-budget",
+        type=float,
+        default=0.4,
+        help="CPUs per worker in the two-worker cell held to a CPU budget (a cgroup; needs root); 0: skip it",
+    )
     ap.add_argument("--model", choices=["minilm"], help="add a PromptInjection scanner on this model")
     ap.add_argument("--onnx", action="store_true", help="with --model: run it on ONNX Runtime")
     ap.add_argument(
@@ -452,25 +506,7 @@ def main() -> None:
     try:
         up_port, px_port, pt_port = free_port(), free_port(), free_port()
         procs.append(subprocess.Popen([PY, "-m", "ollama_guard.testing.fake_ollama", "--port", str(up_port)], env=env))
-        passthrough_proc = subprocess.Popen(
-            [
-                PY,
-                "-m",
-                "uvicorn",
-                "bench.passthrough:app",
-                "--loop",
-                "uvloop",
-                "--http",
-                "httptools",
-                "--no-access-log",
-                "--log-level",
-                "warning",
-                "--port",
-                str(pt_port),
-            ],
-            env={**env, "UPSTREAM": f"http://127.0.0.1:{up_port}", "PYTHONPATH": str(ROOT)},
-            cwd=ROOT,
-        )
+        passthrough_proc = start_passthrough(pt_port, up_port, 1, env)
         procs.append(passthrough_proc)
         cfg = tmp / "config.yaml"
         import yaml
@@ -510,7 +546,7 @@ def main() -> None:
             )
             policy["redis"] = {"url": f"redis://127.0.0.1:{rport}/0"}
         cfg.write_text(yaml.safe_dump(policy))
-        two_port = free_port()
+        two_port, pt_two_port = free_port(), free_port()
         if not args.model:  # a second copy of a model per worker would only measure the model twice
             two_proc = subprocess.Popen(
                 [PY, "-m", "ollama_guard.cli", "-c", str(cfg), "serve", "--workers", "2", "--port", str(two_port)]
@@ -518,6 +554,8 @@ def main() -> None:
                 env=env,
             )
             procs.append(two_proc)
+            pt_two_proc = start_passthrough(pt_two_port, up_port, 2, env)
+            procs.append(pt_two_proc)
         # Last in `procs`: the one-worker proxy, which the cells measure (procs[-1]).
         procs.append(
             subprocess.Popen(
@@ -543,6 +581,7 @@ def main() -> None:
         wait_http(proxy + "/ready")
         if not args.model:
             wait_http(f"http://127.0.0.1:{two_port}/ready")
+            wait_http(f"http://127.0.0.1:{pt_two_port}/api/tags")
         time.sleep(1.0)
         import psutil
 
@@ -600,6 +639,25 @@ def main() -> None:
                 args.duration,
                 args.rounds,
             )
+        budgeted: dict[str, Any] | str | None = None
+        if not args.model and args.cpu_budget > 0:
+            from cpu_budget import unavailable
+
+            budgeted = unavailable()
+            if budgeted is None:
+                httpx.post(f"http://127.0.0.1:{pt_two_port}/api/chat", content=SAME_BODY)
+                budgeted = budget_scaling(
+                    {
+                        "pt1": (passthrough, passthrough_proc.pid),
+                        "pt2": (f"http://127.0.0.1:{pt_two_port}", pt_two_proc.pid),
+                        "px1": (proxy, procs[-1].pid),
+                        "px2": (f"http://127.0.0.1:{two_port}", two_proc.pid),
+                    },
+                    same,
+                    args.duration,
+                    args.rounds,
+                    args.cpu_budget,
+                )
         t_direct, t_pass, t_proxy = ttfc([direct, passthrough, proxy])
         c_direct, c_pass, c_proxy = ttfc_in_turn([direct, passthrough, proxy])
         v_direct, v_proxy = ttfv(direct), ttfv(proxy)
@@ -685,6 +743,18 @@ def main() -> None:
                 f"{w['cores']} cores shared with them, no number of workers passes {w['ceiling']:.0f} rps "
                 f"({w['ceiling'] / w['one']:.2f}x); the two-worker proxy's CPU per request "
                 f"{w['two_proxy'] * 1e6:.0f} us ({w['two_proxy'] / w['proxy']:.2f}x one worker's)"
+            )
+        if isinstance(budgeted, str):
+            print(f"two workers under a CPU budget: not measured ({budgeted})")
+        elif budgeted is not None:
+            b = budgeted
+            print(
+                f"two workers under a CPU budget, cache hit c=16 (one worker held to {args.cpu_budget:g} CPU, two "
+                f"workers to {2 * args.cpu_budget:g}; wrk and the fake Ollama on the CPU left over): "
+                f"pass-through {b['pt1']['rps']:.0f} -> {b['pt2']['rps']:.0f} rps "
+                f"({b['pt2']['rps'] / b['pt1']['rps']:.2f}x), proxy {b['px1']['rps']:.0f} -> {b['px2']['rps']:.0f} rps "
+                f"({b['px2']['rps'] / b['px1']['rps']:.2f}x); CPU used of the budget: "
+                + ", ".join(f"{k} {v['cores']:.2f}/{v['budget']:g}" for k, v in b.items())
             )
         if args.model:
             report_model(args, model_dir, model_cells)

@@ -6,8 +6,9 @@ no parsing) and the proxy (`ollama-guard serve`, one worker), then drives them w
 - unique prompts: a fresh ~300-character prompt per request, unique across runs, wrk threads and requests
   (a per-run nonce, the thread's number and a counter lead every prompt), so every request is scanned;
 at concurrency 1 and 16. Each proxy cell prints the verdict-cache hits and misses it caused (from /stats); a
-unique cell with more than 1 % hits says so. Also the time to the first streamed chunk, the proxy's CPU per
-1,000 streamed characters, idle memory, and (without --model) cache hits on a two-worker proxy against the
+unique cell with more than 1 % hits says so. Also the time to the first streamed chunk (three ways: 40 streams
+in a row to each server; one to each in turn; in turn with the servers on a core of their own, away from the
+client and the fake Ollama, `ttfc_pinned`), the proxy's CPU per 1,000 streamed characters, idle memory, and (without --model) cache hits on a two-worker proxy against the
 one-worker one, with the CPU per request of the proxy, the fake Ollama and wrk, which on a small machine
 bound what any number of workers can reach. Then the same cell with each server held to a CPU budget
 (bench/cpu_budget.py, a cgroup; as root): one worker to `--cpu-budget` CPUs, two workers to twice that, the
@@ -303,6 +304,39 @@ def ttfc_in_turn(urls: list[str], n: int = 150) -> list[float]:
         for c in clients:
             c.close()
     return _middles(samples)
+
+
+def _pin(pid: int, cpus: set[int], children: bool = True) -> set[int]:
+    """Sets every thread of process `pid` (and of its children, unless `children` is False) to run on `cpus`;
+    returns the process's affinity before."""
+    import psutil
+
+    before = os.sched_getaffinity(pid)
+    parent = psutil.Process(pid)
+    for proc in [parent, *(parent.children(recursive=True) if children else [])]:
+        for thread in proc.threads():
+            os.sched_setaffinity(thread.id, cpus)
+    return before
+
+
+def ttfc_pinned(urls: list[str], servers: list[int], others: list[int], n: int = 150) -> list[float] | None:
+    """`ttfc_in_turn` with the servers under test (`servers`: pids) on one core of their own and this process
+    (the client) with `others` (the fake Ollama) on the rest: on a 2-core machine the three otherwise contend
+    for two cores while the upstream sends the rest of its stream, and which of them the scheduler puts where
+    moves each time to first chunk by a few hundred microseconds (the samples fall in two clusters). Here the
+    server's own time is what differs between the servers. None on a single core."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    mine, rest = {cpus[-1]}, set(cpus[:-1])
+    saved = {pid: _pin(pid, mine) for pid in servers} | {pid: _pin(pid, rest) for pid in others}
+    me = os.getpid()
+    saved[me] = _pin(me, rest, children=False)  # this process's children are the servers
+    try:
+        return ttfc_in_turn(urls, n)
+    finally:
+        for pid, before in saved.items():
+            _pin(pid, before, children=pid != me)
 
 
 def ttfv(url: str, n: int = 15, tokens_per_s: float = 30.0) -> float:
@@ -660,6 +694,7 @@ def main() -> None:
                 )
         t_direct, t_pass, t_proxy = ttfc([direct, passthrough, proxy])
         c_direct, c_pass, c_proxy = ttfc_in_turn([direct, passthrough, proxy])
+        pinned = ttfc_pinned([direct, passthrough, proxy], [passthrough_proc.pid, procs[-1].pid], [procs[0].pid])
         v_direct, v_proxy = ttfv(direct), ttfv(proxy)
         cpu_pass, cpu_proxy = stream_cpu_in_turn([(passthrough, passthrough_proc.pid), (proxy, procs[-1].pid)])
         scaling = [(n, d, p) for (n, d), (_, p) in zip(stream_scaling(direct), stream_scaling(proxy), strict=True)]
@@ -720,6 +755,14 @@ def main() -> None:
             f"(+{c_pass - c_direct:.2f}), proxy {c_proxy:.2f} ms (+{c_proxy - c_direct:.2f}; "
             f"{(c_proxy - c_direct) / max(c_pass - c_direct, 1e-6):.2f}x the pass-through's)"
         )
+        if pinned is not None:
+            p_direct, p_pass, p_proxy = pinned
+            print(
+                f"  the same, the servers on a core of their own (the client and the fake Ollama on the other): "
+                f"direct {p_direct:.2f} ms, pass-through {p_pass:.2f} ms (+{p_pass - p_direct:.2f}), proxy "
+                f"{p_proxy:.2f} ms (+{p_proxy - p_direct:.2f}; "
+                f"{(p_proxy - p_direct) / max(p_pass - p_direct, 1e-6):.2f}x the pass-through's)"
+            )
         print(
             f"time to first visible text at ~30 tokens/s: direct {v_direct:.0f} ms, proxy {v_proxy:.0f} ms "
             f"(+{v_proxy - v_direct:.0f} ms: the stream guard's hold-back before its first release)"

@@ -12,10 +12,10 @@ client and the fake Ollama, `ttfc_pinned`), the proxy's CPU per 1,000 streamed c
 (without --model) cache hits on a two-worker proxy against the one-worker one, with the CPU per request of the
 proxy, the fake Ollama and wrk, which on a small machine bound what any number of workers can reach. Then the
 same cell with each server held to a CPU budget (bench/cpu_budget.py, a cgroup; as root): one worker to
-`--cpu-budget` CPUs, two workers to twice that, the pass-through likewise, so that wrk and the fake Ollama run on the CPU left over and the two-worker rate over
-the one-worker rate shows how the server scales with a second worker and a second core's worth of CPU. Every
-proxy figure is also given as a ratio to the pass-through measured in the same run: absolute numbers differ up
-to 4x between machines, ratios do not. Never asserts.
+`--cpu-budget` CPUs, two workers to twice that, the pass-through likewise, so that wrk and the fake Ollama run
+on the CPU left over and the two-worker rate over the one-worker rate shows how the server scales with a second
+worker and a second core's worth of CPU. Every proxy figure is also given as a ratio to the pass-through
+measured in the same run: absolute numbers differ up to 4x between machines, ratios do not. Never asserts.
 
     .venv/bin/python bench/proxy_bench.py [--duration 8] [--rounds 3] [--backend memory|redis] [--cpu-budget 0.4]
 

@@ -234,6 +234,7 @@ class GuardedRoutes:
                 else None,
                 on_end=lambda v: self._stream_ended(request, req, v, relay, decision, fired, in_verdicts, started),
                 on_abandon=lambda: self._stream_abandoned(request, req, fired, in_verdicts, started),
+                read_timeout=st.upstream.read_timeout,
             )
             relay.notice_as_answer = s.blocked_response == "message"
             request.scope["state"]["audit_deferred"] = True  # written when the stream ends

@@ -15,6 +15,7 @@ the text that had passed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -41,6 +42,7 @@ from .dialects import (
 )
 from .scanning.engine import ScanResult, Verdict
 from .scanning.stream import StreamGuard
+from .upstream import StallWatch
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +156,10 @@ class GuardedStream:
         notice: str | None,
         on_end: Any = None,
         on_abandon: Any = None,
+        read_timeout: float | None = None,
     ):
         self.resp = resp
+        self.read_timeout = read_timeout  # seconds Ollama may stay silent mid-stream (upstream.StallWatch)
         self.route = route
         self.new_guard = new_guard  # new_guard(side) -> a fresh StreamGuard
         self.model = model
@@ -383,15 +387,22 @@ class GuardedStream:
         # once: a fast model's first read carries dozens of chunks, and the client should not wait for all
         # of them to be read and scanned before it sees the first word.
         first = True
+        stall = StallWatch(self.resp, self.read_timeout) if self.read_timeout else None
         try:
             ollama = self._ollama
             splitter = LineSplitter()
             content = self.resp.content
+            clock = asyncio.get_running_loop().time
             ended = False
             while not ended:
                 # readany, not `async for ... iter_any()` under a generator of lines: one frame fewer to pass per
                 # network read, and a stream is read in thousands of them.
-                chunk = await content.readany()
+                if stall is not None:
+                    stall.since = clock()
+                    chunk = await content.readany()
+                    stall.since = None
+                else:
+                    chunk = await content.readany()
                 ended = not chunk
                 lines = splitter.end() if ended else splitter.feed(chunk)
                 out: list[bytes] = []
@@ -457,6 +468,8 @@ class GuardedStream:
             self._report(None)
             yield from_broken_stream(self.route, self.last, self.model)
         finally:
+            if stall is not None:
+                stall.close()
             if not self.reported and self.on_abandon is not None:
                 self.reported = True
                 self.on_abandon()  # the client left (Open WebUI's Stop button): recorded all the same

@@ -71,9 +71,47 @@ def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, by
     return out
 
 
+class StallWatch:
+    """The read timeout of a streamed body, kept lazily: Ollama may stay silent at most `timeout` seconds while
+    the stream waits for it, as aiohttp's `sock_read` has it, but without moving a timer on every network read.
+
+    aiohttp re-arms its `sock_read` timer on each read (a cancel and a `call_later`, ~1.6 us with uvloop; a
+    stream from a model at speed is one read per token). Here the reader notes when each wait begins (`since`,
+    from the loop's clock) and when it ends (`since = None`); one timer checks now and then and re-arms itself
+    for the current wait. A wait that reaches `timeout` fails the body with aiohttp's ServerTimeoutError,
+    which the pending read raises, as `sock_read` would. Construction turns the connection's own `sock_read`
+    off for the rest of this response (aiohttp's `ResponseHandler.read_timeout` setter; were it to stop
+    working, aiohttp's timer would run as well, and only the saving would be lost)."""
+
+    __slots__ = ("loop", "timeout", "content", "since", "handle")
+
+    def __init__(self, resp: aiohttp.ClientResponse, timeout: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.timeout = timeout
+        self.content = resp.content
+        self.since: float | None = None  # when the current wait for Ollama began; None while not waiting
+        self.handle: asyncio.TimerHandle | None = self.loop.call_at(self.loop.time() + timeout, self._check)
+        if resp.connection is not None:
+            resp.connection.protocol.read_timeout = None  # type: ignore[union-attr]
+
+    def _check(self) -> None:
+        since, now = self.since, self.loop.time()
+        if since is not None and now - since >= self.timeout:
+            self.handle = None
+            self.content.set_exception(aiohttp.ServerTimeoutError("Timeout on reading data from socket"))
+            return
+        self.handle = self.loop.call_at((now if since is None else since) + self.timeout, self._check)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+
 class Upstream:
     def __init__(self, base_url: str, connect_timeout: float, read_timeout: float, pool_size: int = 512):
         self.base_url = base_url.rstrip("/")
+        self.read_timeout = read_timeout
         self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout)
         self._pool_size = pool_size
         self.session: aiohttp.ClientSession | None = None

@@ -126,6 +126,41 @@ def test_a_broken_upstream_gets_a_well_formed_answer_and_one_audit_record(
     assert ok.status_code == 200
 
 
+def _words(n: int) -> str:
+    return " ".join(f"w{i:02d}" for i in range(n))  # n 4-character chunks: "w00 ", "w01 ", ...
+
+
+def _paced_stream(chunks: int, delay_ms: float, stall_after: int | None = None) -> dict[str, Any]:
+    options: dict[str, Any] = {"fake_chunk_chars": 4, "fake_delay_ms": delay_ms}
+    if stall_after is not None:
+        options["fake_stall_after"] = stall_after
+    return {"model": "m", "messages": [{"role": "user", "content": f"REPLY: {_words(chunks)}"}], "options": options}
+
+
+def test_a_stream_that_goes_silent_mid_answer_ends_with_an_error_once_the_read_timeout_passes(proxy, audit) -> None:
+    # Chunks arrive 20 ms apart, then none: the stall comes after the guard has read the stream for a while, when
+    # only the guarded stream's own watch (upstream.StallWatch) times Ollama's silence, not aiohttp's timer.
+    started = time.monotonic()
+    r = httpx.post(proxy.url + "/api/chat", json=_paced_stream(30, 20, stall_after=12), timeout=30)
+    elapsed = time.monotonic() - started
+    assert r.status_code == 200
+    lines = [json.loads(line) for line in r.text.splitlines() if line.strip()]
+    assert "error" in lines[-1] and "done" not in lines[-1], lines[-1]
+    text = "".join(line.get("message", {}).get("content", "") for line in lines[:-1])
+    assert text and _words(30).startswith(text)  # what had passed before the stall went out
+    assert 1.0 <= elapsed < 20, elapsed  # the configured 1 s of silence, not the fake's 60 s
+    record = wait_for(lambda: [a for a in audit.audit if a.get("route") == "/api/chat"], 5, "the audit record")
+    assert len(record) == 1
+
+
+def test_a_slow_stream_whose_every_gap_is_shorter_than_the_read_timeout_is_not_cut(proxy) -> None:
+    # 8 chunks 300 ms apart: 2.4 s in all, over the 1 s read timeout, which times silence, not the whole answer.
+    r = httpx.post(proxy.url + "/api/chat", json=_paced_stream(8, 300), timeout=30)
+    lines = [json.loads(line) for line in r.text.splitlines() if line.strip()]
+    assert r.status_code == 200 and lines[-1].get("done") is True, lines[-1]
+    assert "".join(line["message"]["content"] for line in lines) == _words(8)
+
+
 def test_a_streamed_line_too_long_ends_the_stream_well_formed_and_a_long_final_line_passes(proxy) -> None:
     tokens = 200_000  # about 1.4 MB of context on the final line: more than aiohttp's default line limit
     body = {"model": "m", "prompt": "REPLY: Hi.", "options": {"fake_context_tokens": tokens}}

@@ -16,7 +16,8 @@ those models do through Ollama: Llama Guard ``safe`` or ``unsafe\nS<n>`` (``GUAR
 ``GUARD-MALFORMED`` makes any of them answer out of format. ``/api/show`` of a model named ``missing...``
 is a 404, as Ollama answers for a model it does not have.
 Options ``fake_chunk_chars`` (default 4) sets the stream chunk size; ``fake_delay_ms`` a delay per chunk
-(on /v1 chat: ``metadata.fake_chunk_chars``).
+(on /v1 chat: ``metadata.fake_chunk_chars``); ``fake_stall_after`` (native streams) a number of chunks after
+which the stream goes silent for 60 s with its connection open, as a model runner hung mid-answer does.
 Every request is recorded (``requests``) so tests can check what reached Ollama; run standalone, it records none.
 
 Run standalone: ``python -m ollama_guard.testing.fake_ollama --port 11434``.
@@ -351,7 +352,7 @@ class FakeOllama:
                 **final_stats,
             }
         )
-        return await self._ndjson(request, parts, float(opts.get("fake_delay_ms", 0)))
+        return await self._ndjson(request, parts, float(opts.get("fake_delay_ms", 0)), opts.get("fake_stall_after"))
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
@@ -388,23 +389,34 @@ class FakeOllama:
         if opts.get("fake_line_bytes"):  # options.fake_line_bytes: one chunk whose line is that long
             parts.append({**base, "response": "x" * int(opts["fake_line_bytes"]), "done": False})
         parts.append({**base, "created_at": _created_at(), "response": "", "done": True, **final})
-        return await self._ndjson(request, parts, float(opts.get("fake_delay_ms", 0)))
+        return await self._ndjson(request, parts, float(opts.get("fake_delay_ms", 0)), opts.get("fake_stall_after"))
 
     async def _raw(self, request: web.Request, lines: list[str], sse: bool) -> web.StreamResponse:
         frames = [(f"data: {line}\n\n" if sse else f"{line}\n").encode() for line in lines]
         return await self._stream(request, "text/event-stream" if sse else "application/x-ndjson", frames)
 
-    async def _ndjson(self, request: web.Request, parts: list[dict[str, Any]], delay_ms: float) -> web.StreamResponse:
+    async def _ndjson(
+        self, request: web.Request, parts: list[dict[str, Any]], delay_ms: float, stall_after: int | None = None
+    ) -> web.StreamResponse:
         frames = [orjson.dumps(p) + b"\n" for p in parts]
-        return await self._stream(request, "application/x-ndjson", frames, delay_ms)
+        return await self._stream(request, "application/x-ndjson", frames, delay_ms, stall_after)
 
     async def _stream(
-        self, request: web.Request, content_type: str, frames: list[bytes], delay_ms: float = 0
+        self,
+        request: web.Request,
+        content_type: str,
+        frames: list[bytes],
+        delay_ms: float = 0,
+        stall_after: int | None = None,
     ) -> web.StreamResponse:
+        """`frames` streamed, `delay_ms` apart; with `stall_after`, nothing more after that many frames for 60 s,
+        as a model runner that hangs mid-answer (a stuck GPU) keeps the connection open and silent."""
         resp = web.StreamResponse(headers={"Content-Type": content_type})
         await resp.prepare(request)
         try:
-            for frame in frames:
+            for i, frame in enumerate(frames):
+                if i == stall_after:
+                    await asyncio.sleep(60)  # cancelled when the proxy hangs up (handler_cancellation)
                 await resp.write(frame)
                 if delay_ms:
                     await asyncio.sleep(delay_ms / 1000)

@@ -46,8 +46,9 @@ system:
 tools: install-all
 	$(PY) scripts/fetch_tools.py
 
-bench: install-all
-	$(PY) bench/run_all.py
+## The proxy against the minimal pass-through and Ollama direct (bench/proxy_bench.py; wrk from `system`).
+bench: install-all system
+	$(PY) bench/proxy_bench.py $(ARGS)
 
 lint: install-all
 	$(VENV)/bin/ruff check proxy operator tests bench e2e scripts

@@ -380,3 +380,27 @@ def test_a_first_chunk_without_text_does_not_end_the_hurry_for_the_first_word(de
     assert texts(pieces[0]) == [""]  # the role chunk, alone
     assert "".join(texts(pieces[1])) == "Sure, "  # then the first word, before the rest of the read
     assert "".join(t for p in pieces for t in texts(p)) == "".join(words) and pieces[-1].endswith(b"[DONE]\n\n")
+
+
+def test_a_buffer_mode_scanner_holds_the_whole_answer_back_until_it_passed() -> None:
+    # `stream: buffer` (docs/STREAMING.md): nothing is released while the answer streams; at its end every output
+    # scanner runs once over the whole answer, and only then does any of it go out, rewritten or stopped.
+    from .policies import OUTPUT
+
+    output = [dict(OUTPUT[0], stream="buffer"), OUTPUT[1]]
+    settings = load_settings(overrides=pure(output_scanners=output), environ={})
+    eng = ScanEngine(build_policy(settings), settings)
+    try:
+        text = "The key is " + AWS + " and it works. " + "More prose follows. " * 20
+        guard = StreamGuard(eng, settings)
+        assert guard.buffered
+        history, step = run(feed_all(guard, text, 4))
+        assert step.violation is None and all(h == "" for h in history[:-1])
+        assert AWS not in history[-1] and "******" in history[-1] and history[-1].endswith("More prose follows. ")
+        assert sorted(r.scanner for r in guard.results) == ["BanSubstrings", "Secrets"]  # one pass, both
+        stopped = StreamGuard(eng, settings)
+        history, step = run(feed_all(stopped, "Fine words, then " + BANNED_OUT + " and more. " * 30, 4))
+        assert step.violation is not None and "BanSubstrings" in step.violation.blocked_by
+        assert all(h == "" for h in history)  # nothing went out before the stop
+    finally:
+        eng.close()

@@ -60,7 +60,9 @@ class _Layout:
     buffered: bool
     overlap: int
     hold: int
-    plans: dict[int, Any]  # id(one of the four lists above) -> its scan plan (ScanEngine.plan_of)
+    # Each group a guard scans with, by name ("all", "pattern", "sentence", "final", and "buffered": all but
+    # in stream-mode order), with its scan plan (ScanEngine.plan_of).
+    groups: dict[str, tuple[list[GuardScanner], Any]]
 
 
 def _layout(engine: ScanEngine, side: bool, default_overlap: int) -> _Layout:
@@ -73,6 +75,8 @@ def _layout(engine: ScanEngine, side: bool, default_overlap: int) -> _Layout:
     pattern = [s for s in active if s.stream_mode == "pattern"]
     sentence = [s for s in active if s.stream_mode == "sentence"]
     final = [s for s in active if s.stream_mode in ("final", "buffer")]
+    lists = {"all": active, "pattern": pattern, "sentence": sentence, "final": final}
+    lists["buffered"] = pattern + sentence + final
     layout = _Layout(
         active,
         pattern,
@@ -81,7 +85,7 @@ def _layout(engine: ScanEngine, side: bool, default_overlap: int) -> _Layout:
         any(s.stream_mode == "buffer" for s in active),
         max((s.overlap(default_overlap) for s in pattern), default=0),
         max((s.hold(default_overlap) for s in pattern), default=0),
-        {id(x): engine.plan_of(x) for x in (active, pattern, sentence, final)},
+        {name: (x, engine.plan_of(x)) for name, x in lists.items()},
     )
     views[key] = layout
     return layout
@@ -97,7 +101,7 @@ class StreamGuard:
         self.prompt = prompt
         self.vault = vault
         layout = _layout(engine, side, settings.stream.default_overlap)
-        self._plans = layout.plans
+        self._groups = layout.groups
         self.scanners = layout.scanners
         self.pattern = layout.pattern
         self.sentence = layout.sentence
@@ -120,11 +124,12 @@ class StreamGuard:
 
     async def scan_whole(self, text: str) -> Verdict:
         """Every scanner of this guard on one complete text (a tool call's arguments), outside the stream."""
-        return await self._run(self.scanners, text)
+        return await self._run("all", text)
 
-    async def _run(self, scanners: list[GuardScanner], text: str) -> Verdict:
+    async def _run(self, group: str, text: str) -> Verdict:
+        """`text` scanned by one of the layout's groups of scanners (`_Layout.groups`)."""
+        scanners, plan = self._groups[group]
         self.scanned_chars += len(text) * len(scanners)
-        plan = self._plans.get(id(scanners))
         verdict = await self.engine.scan_window(scanners, text, self.prompt, self.vault, plan=plan)
         self.results.extend(verdict.results)
         return verdict
@@ -202,8 +207,7 @@ class StreamGuard:
         end = len(self.text)
         if self.buffered:
             # Everything was held back: one pass of every scanner over the whole answer.
-            scanners = self.pattern + self.sentence + self.final
-            verdict = await self._scan(scanners, 0, end)
+            verdict = await self._scan("buffered", 0, end)
             if verdict is not None:
                 return Step(self.released, verdict)
         else:
@@ -216,7 +220,7 @@ class StreamGuard:
                 if v is not None:
                     return Step(self.released, v)
             if self.final:
-                v = await self._scan(self.final, 0, len(self.text), sanitize_ok=False)
+                v = await self._scan("final", 0, len(self.text), sanitize_ok=False)
                 if v is not None:
                     return Step(self.released, v)
         self.released = len(self.text)
@@ -245,7 +249,7 @@ class StreamGuard:
         # letters of a match widen the window, not shrink what it covers.
         start = normalize.back(self.text, self._running_word_start(), self.overlap)
         end = len(self.text)
-        verdict = await self._scan(self.pattern, start, end)
+        verdict = await self._scan("pattern", start, end)
         self.p_scanned = len(self.text)
         return verdict
 
@@ -265,14 +269,12 @@ class StreamGuard:
     async def _scan_sentences(self, end: int) -> Verdict | None:
         start = max(0, self.s_scanned - self.context)
         # Context that was already released cannot be changed: sanitizing here would be too late.
-        verdict = await self._scan(self.sentence, start, end, sanitize_ok=start >= self.released)
+        verdict = await self._scan("sentence", start, end, sanitize_ok=start >= self.released)
         self.s_scanned = end
         return verdict
 
-    async def _scan(
-        self, scanners: list[GuardScanner], start: int, end: int, sanitize_ok: bool = True
-    ) -> Verdict | None:
-        verdict = await self._run(scanners, self.text[start:end])
+    async def _scan(self, group: str, start: int, end: int, sanitize_ok: bool = True) -> Verdict | None:
+        verdict = await self._run(group, self.text[start:end])
         if verdict.blocked:
             return verdict
         if verdict.sanitized:

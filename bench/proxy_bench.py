@@ -324,7 +324,10 @@ def ttfc_pinned(urls: list[str], servers: list[int], others: list[int], n: int =
     (the client) with `others` (the fake Ollama) on the rest: on a 2-core machine the three otherwise contend
     for two cores while the upstream sends the rest of its stream, and which of them the scheduler puts where
     moves each time to first chunk by a few hundred microseconds (the samples fall in two clusters). Here the
-    server's own time is what differs between the servers. None on a single core."""
+    server's own time is what differs between the servers. None on a single core, or where threads cannot be
+    pinned (sched_setaffinity is Linux's)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         return None

@@ -398,11 +398,10 @@ class GuardedStream:
                 # readany, not `async for ... iter_any()` under a generator of lines: one frame fewer to pass per
                 # network read, and a stream is read in thousands of them.
                 if stall is not None:
-                    stall.since = clock()
-                    chunk = await content.readany()
+                    stall.since = clock()  # a wait for Ollama begins
+                chunk = await content.readany()
+                if stall is not None:
                     stall.since = None
-                else:
-                    chunk = await content.readany()
                 ended = not chunk
                 lines = splitter.end() if ended else splitter.feed(chunk)
                 out: list[bytes] = []

@@ -53,16 +53,12 @@ class _Layout:
     """A guard's scanners by stream mode, with their scan plans and hold-back: the same for every stream while
     the policy's loaded scanners stay the same, so worked out once per state of the policy (`_layout`)."""
 
-    scanners: list[GuardScanner]
-    pattern: list[GuardScanner]
-    sentence: list[GuardScanner]
-    final: list[GuardScanner]  # "final" and "buffer"
+    # Each group a guard scans with, by name, with its scan plan (ScanEngine.plan_of): "all", "pattern",
+    # "sentence", "final" ("final" and "buffer" modes), and "buffered" (all of them in stream-mode order).
+    groups: dict[str, tuple[list[GuardScanner], Any]]
     buffered: bool
     overlap: int
     hold: int
-    # Each group a guard scans with, by name ("all", "pattern", "sentence", "final", and "buffered": all but
-    # in stream-mode order), with its scan plan (ScanEngine.plan_of).
-    groups: dict[str, tuple[list[GuardScanner], Any]]
 
 
 def _layout(engine: ScanEngine, side: bool, default_overlap: int) -> _Layout:
@@ -75,17 +71,18 @@ def _layout(engine: ScanEngine, side: bool, default_overlap: int) -> _Layout:
     pattern = [s for s in active if s.stream_mode == "pattern"]
     sentence = [s for s in active if s.stream_mode == "sentence"]
     final = [s for s in active if s.stream_mode in ("final", "buffer")]
-    lists = {"all": active, "pattern": pattern, "sentence": sentence, "final": final}
-    lists["buffered"] = pattern + sentence + final
+    lists = {
+        "all": active,
+        "pattern": pattern,
+        "sentence": sentence,
+        "final": final,
+        "buffered": pattern + sentence + final,
+    }
     layout = _Layout(
-        active,
-        pattern,
-        sentence,
-        final,
+        {name: (x, engine.plan_of(x)) for name, x in lists.items()},
         any(s.stream_mode == "buffer" for s in active),
         max((s.overlap(default_overlap) for s in pattern), default=0),
         max((s.hold(default_overlap) for s in pattern), default=0),
-        {name: (x, engine.plan_of(x)) for name, x in lists.items()},
     )
     views[key] = layout
     return layout
@@ -101,11 +98,11 @@ class StreamGuard:
         self.prompt = prompt
         self.vault = vault
         layout = _layout(engine, side, settings.stream.default_overlap)
-        self._groups = layout.groups
-        self.scanners = layout.scanners
-        self.pattern = layout.pattern
-        self.sentence = layout.sentence
-        self.final = layout.final
+        self._groups = groups = layout.groups
+        self.scanners = groups["all"][0]
+        self.pattern = groups["pattern"][0]
+        self.sentence = groups["sentence"][0]
+        self.final = groups["final"][0]
         self.buffered = layout.buffered
         self.overlap = layout.overlap
         self.hold = layout.hold

@@ -15,7 +15,9 @@ run, such as a collection of the oldest GC generation, skews it: run again). Row
 - the proxy, unique ~300-character prompts (the fake Ollama answers with the prompt's text, so the answer is
   new too): both are scanned, and both verdicts stored;
 - a short stream (32 characters in 4-character chunks 2 ms apart, each in a read of its own; a cached prompt)
-  through the pass-through and the proxy: a stream's set-up and its per-chunk work.
+  through the pass-through and the proxy: a stream's set-up and its per-chunk work;
+- the first chunk's path: a stream of three chunks sent at once, whose third ends the first word: the proxy
+  releases its text there, as in proxy_bench.py's time-to-first-chunk cell (`--kinds` picks rows).
 The policy is bench/proxy_bench.py's default-style one. Uvicorn's own work per request, the same for both
 apps, is not in these figures, so their ratio is lower than proxy_bench.py's requests/s ratio. Never asserts.
 """
@@ -35,7 +37,7 @@ from typing import Any
 from proxy_bench import POLICY, ROOT, SAME_BODY, free_port, wait_http
 
 WARM_UP = 200
-KINDS = ["passthrough", "hit", "unique", "passthrough-stream", "stream"]
+KINDS = ["passthrough", "hit", "unique", "passthrough-stream", "stream", "passthrough-first", "first"]
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima".split()
 
 
@@ -47,12 +49,19 @@ STREAM_BODY = (
     b'"messages":[{"role":"user","content":"REPEAT 2: streamed words. "}]}'
 )
 
+# The first chunk's path: "streamed wor" in three 4-character chunks sent at once, the answer's whole text (a
+# cached prompt). The proxy releases its first text once a word has ended, here at the third chunk, as in
+# proxy_bench.py's time-to-first-chunk cell; the pass-through sends each chunk as it arrives.
+FIRST_BODY = b'{"model":"llama3.2","messages":[{"role":"user","content":"REPEAT 1: streamed wor"}]}'
+
 
 def body(kind: str, i: int) -> bytes:
     """The request body of request `i`: the same one (hit), a short stream, or a fresh prompt ("REPLY:" makes the
     fake Ollama answer with it)."""
     if kind.endswith("stream"):
         return STREAM_BODY
+    if kind.endswith("first"):
+        return FIRST_BODY
     if kind != "unique":
         return SAME_BODY.encode()
     prompt = (f"REPLY: NONCE-{i} " + " ".join(WORDS[(i + k * 7) % 12] for k in range(45)))[:300]
@@ -163,6 +172,7 @@ def instructions(kind: str, count: int, upstream: str) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=500, help="requests per step, after 200 of warm-up")
+    ap.add_argument("--kinds", default=",".join(KINDS), help="rows to count, comma-separated: " + ", ".join(KINDS))
     ap.add_argument("--drive", choices=KINDS, help=argparse.SUPPRESS)
     ap.add_argument("--count", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--upstream", help=argparse.SUPPRESS)
@@ -181,7 +191,7 @@ def main() -> None:
     )
     try:
         wait_http(upstream + "/", timeout=60)
-        kinds = KINDS
+        kinds = [k for k in KINDS if k in args.kinds.split(",")]
         steps = (WARM_UP, WARM_UP + args.requests, WARM_UP + 2 * args.requests)
         runs = [(k, n) for k in kinds for n in steps]
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
@@ -200,11 +210,14 @@ def main() -> None:
             "unique": "proxy, unique prompts",
             "passthrough-stream": "pass-through, short stream",
             "stream": "proxy, short stream",
+            "passthrough-first": "pass-through, first chunk",
+            "first": "proxy, first chunk",
         }
         for k in kinds:
-            ref = per["passthrough-stream" if k.endswith("stream") else "passthrough"]
+            ref = per.get("passthrough-" + k.rpartition("-")[2] if k.endswith(("stream", "first")) else "passthrough")
+            ratio = f"   {per[k] / ref:.2f}x the pass-through's" if ref else ""
             warn = f"   (increments differ by {spread[k]:.0%}: run again)" if spread[k] > 0.02 else ""
-            print(f"{names[k]:28s} {per[k] / 1000:9.0f}k   {per[k] / ref:.2f}x the pass-through's{warn}")
+            print(f"{names[k]:28s} {per[k] / 1000:9.0f}k{ratio}{warn}")
     finally:
         fake.terminate()
         fake.wait()

@@ -440,29 +440,33 @@ class GuardedStream:
             if self.violation is None:
                 pieces = await self._finish()
                 if self.violation is None:
-                    for piece in pieces:
-                        yield piece
                     if self.broken is not None:
                         log.warning("upstream stream unusable: %s", self.broken.split(":")[0])
                         self.resp.close()
-                        yield from_broken_stream(self.route, self.last, self.model, self.broken)
+                        pieces.append(from_broken_stream(self.route, self.last, self.model, self.broken))
+                    if pieces:
+                        yield b"".join(pieces)  # the stream's end in one write, as what arrives together goes
                     self._report(None)
             if self.violation is not None:
                 self.resp.close()  # closes the connection: Ollama stops generating
                 self._report(self.violation)
-                for piece in stopped_stream_tail(
-                    self.route,
-                    self.last,
-                    self.model,
-                    self.violation.blocked_by or self.violation.fired,
-                    self.notice,
-                    as_answer=self.notice_as_answer,
-                ):
-                    yield piece
+                yield b"".join(
+                    stopped_stream_tail(
+                        self.route,
+                        self.last,
+                        self.model,
+                        self.violation.blocked_by or self.violation.fired,
+                        self.notice,
+                        as_answer=self.notice_as_answer,
+                    )
+                )
             done = self.violation is None and self.broken is None
         except (aiohttp.ClientError, TimeoutError, ValueError, HttpProcessingError) as exc:
             # A reset, a stall past the read timeout, a line over MAX_LINE_BYTES (LineTooLong)
             log.warning("upstream stream broke: %s", type(exc).__name__)
+            # aiohttp keeps the error on the body's reader, and its traceback holds this frame, which holds the
+            # reader: a reference cycle, left to the garbage collector, unless the traceback goes.
+            exc.__traceback__ = None
             self.resp.close()
             self._report(None)
             yield from_broken_stream(self.route, self.last, self.model)
@@ -472,6 +476,10 @@ class GuardedStream:
             if not self.reported and self.on_abandon is not None:
                 self.reported = True
                 self.on_abandon()  # the client left (Open WebUI's Stop button): recorded all the same
+            # The callbacks close over this stream (the pipeline's record of it): dropped once called, so the
+            # stream, its upstream response and its request are freed when it ends, not at the next collection
+            # of the garbage collector's cycles.
+            self.on_end = self.on_abandon = None
             # Cut short (client gone, violation, error): close the connection so Ollama stops generating.
             self.resp.release() if done else self.resp.close()
 

@@ -8,16 +8,18 @@ dialect with the status the README's table gives, exactly one audit record, and 
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
+import weakref
 from typing import Any
 
 import httpx
 import pytest
 
 from .conftest import wait_for
-from .policies import pure
+from .policies import BANNED_OUT, pure
 
 pytestmark = pytest.mark.slow
 
@@ -242,6 +244,47 @@ def test_a_stream_the_client_abandons_is_audited(proxy, audit: Records) -> None:
         lambda: [a for a in audit.audit if a.get("stream_abandoned")], 10, "the abandoned stream's record"
     )
     assert record[0]["status"] == 499 and record[0]["decision"] == "client_closed"
+
+
+# How a stream ends: (route, the user's text, whether the client reads it to the end).
+STREAM_ENDS = {
+    "in full": ("/api/chat", "REPLY: a short answer, streamed in full.", True),
+    "in full, OpenAI's dialect": ("/v1/chat/completions", "REPLY: a short answer, streamed in full.", True),
+    "stopped by the guard": ("/api/chat", f"REPLY: here it comes: {BANNED_OUT} and more", True),
+    "broken off by Ollama": ("/api/chat", "REPEAT 5: words FAULT:short-body", True),
+    "left by the client": ("/api/chat", "REPEAT 200: words and more words. ", False),
+}
+
+
+@pytest.mark.parametrize("end", list(STREAM_ENDS))
+def test_a_stream_is_freed_as_it_ends_not_left_for_the_cycle_collector(proxy, monkeypatch, end: str) -> None:
+    """A stream that ended, however it ended, holds nothing in a reference cycle: its relay, Ollama's response
+    and the request are freed at once, not at the garbage collector's next pass over its generations (which
+    took 0.2-0.4 ms on the request it fell on, once in ~180 streams, when each stream left ~70 objects in a
+    cycle). The collector is off while the stream runs, so only reference counting can free it."""
+    from ollama_guard.relay import GuardedStream
+
+    relays: list[weakref.ref[GuardedStream]] = []
+    init = GuardedStream.__init__
+
+    def recorded(self: GuardedStream, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        relays.append(weakref.ref(self))
+
+    monkeypatch.setattr(GuardedStream, "__init__", recorded)
+    path, text, read_all = STREAM_ENDS[end]
+    body = ROUTES[path](text, True) | {"options": {"fake_chunk_chars": 4, "fake_delay_ms": 0 if read_all else 20}}
+    gc.disable()
+    try:
+        with httpx.Client(timeout=30) as client, client.stream("POST", proxy.url + path, json=body) as r:
+            assert r.status_code == 200
+            for _ in r.iter_raw():
+                if not read_all:
+                    break  # Open WebUI's Stop button
+        wait_for(lambda: relays, 10, "the stream's relay")
+        wait_for(lambda: relays[0]() is None, 10, "the ended stream to be freed without the cycle collector")
+    finally:
+        gc.enable()
 
 
 def test_a_client_that_leaves_mid_body_is_counted_as_499_not_500(proxy, audit: Records) -> None:

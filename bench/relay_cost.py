@@ -53,15 +53,16 @@ def sse(text: str) -> list[bytes]:
 
 
 class Upstream:
-    """What the relay reads of an aiohttp response: `content.iter_any()`, `release()`, `close()`."""
+    """What the relay reads of an aiohttp response: `content.readany()` (b"" at the end), `connection` (None: no
+    socket whose timer to turn off), `release()`, `close()`."""
 
     def __init__(self, reads: list[bytes]) -> None:
-        self.reads = reads
+        self.reads = iter(reads)
         self.content = self
+        self.connection = None
 
-    async def iter_any(self) -> Any:
-        for r in self.reads:
-            yield r
+    async def readany(self) -> bytes:
+        return next(self.reads, b"")
 
     def release(self) -> None:
         pass

@@ -215,12 +215,11 @@ class GuardedRoutes:
             and route.kind in ("chat", "generate", "completion")
         )
         if req.stream and resp.status == 200 and resp.headers.get("Content-Encoding") is None:
-            watch.close()  # the streaming response watches for the client itself
             guard_headers = self._guard_headers(decision, fired, ("input", in_verdicts))
             up_headers = response_headers(resp.raw_headers)
             if not out_on:  # no output scanner: the stream is relayed as it comes (nothing to scan)
                 self._audit(request, req, decision, fired, in_verdicts, [], resp.status, started, output_guard=False)
-                return stream_response(raw_relay(resp), resp.status, up_headers + guard_headers)
+                return stream_response(raw_relay(resp), resp.status, up_headers + guard_headers, watch=watch)
             engine = st.engine
             relay: GuardedStream = GuardedStream(
                 resp,
@@ -238,7 +237,8 @@ class GuardedRoutes:
             )
             relay.notice_as_answer = s.blocked_response == "message"
             request.scope["state"]["audit_deferred"] = True  # written when the stream ends
-            return stream_response(relay.__aiter__(), resp.status, up_headers + guard_headers)
+            # The exchange's watch goes on watching for the client while the answer streams.
+            return stream_response(relay.__aiter__(), resp.status, up_headers + guard_headers, watch=watch)
         try:
             body = await watch.run(Upstream.read(resp), last=True)
         except ClientGone:

@@ -212,15 +212,27 @@ class _Streamed(Response):
     task group took two tasks and a cancel scope per stream, on the way to its first chunk.)
     """
 
-    def __init__(self, body: AsyncIterator[bytes], status: int, raw_headers: list[tuple[bytes, bytes]]) -> None:
+    def __init__(
+        self,
+        body: AsyncIterator[bytes],
+        status: int,
+        raw_headers: list[tuple[bytes, bytes]],
+        watch: DisconnectWatch | None = None,
+    ) -> None:
         self.body_iterator = body
         self.status_code = status
         self.raw_headers = raw_headers
         self.background = None
+        self.watch = watch
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watch = self.watch
+        if watch is None or watch.gone:
+            # A client that left before the stream began: the stream still starts, so that its body iterator's
+            # `finally` runs (it closes the upstream connection and records the abandoned stream).
+            watch = DisconnectWatch(receive)
         try:
-            await DisconnectWatch(receive).run(self._send_all(send), last=True)
+            await watch.run(self._send_all(send), last=True)
         except ClientGone:
             pass  # the body iterator's `finally` closed the upstream connection; nobody to send to
 
@@ -236,10 +248,12 @@ def stream_response(
     status: int,
     headers: Sequence[tuple[str, str] | tuple[bytes, bytes]],
     media_type: str | None = None,
+    watch: DisconnectWatch | None = None,
 ) -> Response:
     """`gen`'s chunks as a streamed body with `headers` (str or raw pairs; a `media_type` replaces any Content-Type
-    among them)."""
+    among them). `watch`: the request's DisconnectWatch of the upstream exchange, which goes on watching for the
+    client while the body streams (one watch, one timer, per request); without it the response makes its own."""
     raw = _raw_headers(headers)
     if media_type is not None:
         raw = [(b"content-type", media_type.encode("latin-1"))] + [h for h in raw if h[0] != b"content-type"]
-    return _Streamed(gen, status, raw)
+    return _Streamed(gen, status, raw, watch)

@@ -445,7 +445,7 @@ class GuardedStream:
                         self.resp.close()
                         pieces.append(from_broken_stream(self.route, self.last, self.model, self.broken))
                     if pieces:
-                        yield b"".join(pieces)  # the stream's end in one write, as what arrives together goes
+                        yield b"".join(pieces)  # the stream's end in one write
                     self._report(None)
             if self.violation is not None:
                 self.resp.close()  # closes the connection: Ollama stops generating

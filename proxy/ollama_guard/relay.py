@@ -15,7 +15,6 @@ the text that had passed.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -392,13 +391,12 @@ class GuardedStream:
             ollama = self._ollama
             splitter = LineSplitter()
             content = self.resp.content
-            clock = asyncio.get_running_loop().time
             ended = False
             while not ended:
                 # readany, not `async for ... iter_any()` under a generator of lines: one frame fewer to pass per
                 # network read, and a stream is read in thousands of them.
                 if stall is not None:
-                    stall.since = clock()  # a wait for Ollama begins
+                    stall.since = stall.loop.time()  # a wait for Ollama begins
                 chunk = await content.readany()
                 if stall is not None:
                     stall.since = None

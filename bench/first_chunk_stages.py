@@ -30,7 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from proxy_bench import POLICY, PY, _first_chunk_ms, free_port, wait_http  # noqa: E402
+from proxy_bench import PY, _first_chunk_ms, free_port, served_app, start_served, stop_served, wait_http  # noqa: E402
 
 # The proxy's stages, in order: (module, attribute, label). Each label gets a "<" (first entry) and a ">"
 # (first return) timestamp.
@@ -95,14 +95,7 @@ def _serve(kind: str, port: int) -> None:
                 stamp(owner, name, label)
             except (ImportError, AttributeError):
                 print(f"(no {where}.{name}: its stage is left out)", file=sys.stderr)
-        from ollama_guard.app import create_app
-        from ollama_guard.settings import load_settings
-
-        overrides = dict(POLICY, ollama_url=os.environ["UPSTREAM"], logging={"audit": False})
-        app: Any = create_app(load_settings(overrides=overrides, environ={}))
-    else:
-        sys.path.insert(0, str(ROOT))
-        from bench.passthrough import app
+    app = served_app(kind)
 
     async def timed(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] != "/api/chat":
@@ -173,15 +166,7 @@ def main() -> None:
     up, ports = free_port(), {"pass-through": free_port(), "proxy": free_port()}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "UPSTREAM": f"http://127.0.0.1:{up}"}
     fake = subprocess.Popen([PY, "-m", "ollama_guard.testing.fake_ollama", "--port", str(up)], env=env)
-    servers = {
-        name: subprocess.Popen(
-            [PY, __file__, "--serve", "pt" if name == "pass-through" else "proxy", "--port", str(port)],
-            env=env,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for name, port in ports.items()
-    }
+    servers = start_served(__file__, ports, env)
     try:
         wait_http(f"http://127.0.0.1:{up}/")
         for port in ports.values():
@@ -192,10 +177,7 @@ def main() -> None:
             for name, url in urls.items():
                 _first_chunk_ms(clients[name], url)
     finally:
-        outputs = {}
-        for name, proc in servers.items():
-            proc.terminate()
-            outputs[name] = proc.communicate(timeout=30)[0]
+        outputs = stop_served(servers)
         fake.terminate()
         fake.wait(10)
     for name, out in outputs.items():

@@ -28,7 +28,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from proxy_bench import POLICY, PY, SAME_BODY, _first_chunk_ms, free_port, wait_http  # noqa: E402
+from proxy_bench import (  # noqa: E402
+    PY,
+    SAME_BODY,
+    _first_chunk_ms,
+    free_port,
+    served_app,
+    start_served,
+    stop_served,
+    wait_http,
+)
 
 WARM_UP = 100
 
@@ -57,17 +66,7 @@ def _serve(kind: str, port: int) -> None:
     gc.callbacks.append(observe)
     signal.signal(signal.SIGUSR1, reset)
     signal.signal(signal.SIGTERM, report)
-    app: Any
-    if kind == "proxy":
-        from ollama_guard.app import create_app
-        from ollama_guard.settings import load_settings
-
-        overrides = dict(POLICY, ollama_url=os.environ["UPSTREAM"], logging={"audit": False})
-        app = create_app(load_settings(overrides=overrides, environ={}))
-    else:
-        sys.path.insert(0, str(ROOT))
-        from bench.passthrough import app
-    uvicorn.run(app, port=port, loop="uvloop", http="httptools", log_level="warning", access_log=False)
+    uvicorn.run(served_app(kind), port=port, loop="uvloop", http="httptools", log_level="warning", access_log=False)
 
 
 def main() -> None:
@@ -85,16 +84,7 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "UPSTREAM": f"http://127.0.0.1:{up}"}
     fake = subprocess.Popen([PY, "-m", "ollama_guard.testing.fake_ollama", "--port", str(up)], env=env)
     ports = {"pass-through": free_port(), "proxy": free_port()}
-    servers = {
-        name: subprocess.Popen(
-            [PY, __file__, "--serve", "pt" if name == "pass-through" else "proxy", "--port", str(port)],
-            env=env,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for name, port in ports.items()
-    }
-    outputs: dict[str, str] = {}
+    servers = start_served(__file__, ports, env)
     try:
         wait_http(f"http://127.0.0.1:{up}/")
         for name, port in ports.items():
@@ -113,15 +103,14 @@ def main() -> None:
                 for _ in range(args.requests):
                     client.post(url + "/api/chat", content=SAME_BODY)
     finally:
-        for name, proc in servers.items():
-            proc.terminate()
-            outputs[name] = proc.communicate(timeout=30)[0].strip()
+        outputs = stop_served(servers)
         fake.terminate()
         fake.wait(10)
     total = 2 * args.requests
     print(f"garbage collections in the server, {args.requests} streams then {args.requests} cache hits each")
     print(f"{'':14} {'gen 0':>7} {'gen 1':>7} {'gen 2':>7} {'ms in all':>10} {'ms / 1,000 requests':>20}")
     for name, out in outputs.items():
+        out = out.strip()
         if not out:
             print(f"{name:14} (no report)")
             continue

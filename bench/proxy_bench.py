@@ -173,6 +173,44 @@ def start_passthrough(port: int, upstream_port: int, workers: int, env: dict[str
     )
 
 
+def served_app(kind: str) -> Any:
+    """The app a bench script serves in its own process, to instrument it there: "pt", the minimal pass-through,
+    or "proxy", the proxy with the default-style POLICY and no audit log; both in front of $UPSTREAM."""
+    if kind == "proxy":
+        from ollama_guard.app import create_app
+        from ollama_guard.settings import load_settings
+
+        overrides = dict(POLICY, ollama_url=os.environ["UPSTREAM"], logging={"audit": False})
+        return create_app(load_settings(overrides=overrides, environ={}))
+    sys.path.insert(0, str(ROOT))
+    from bench.passthrough import app
+
+    return app
+
+
+def start_served(script: str, ports: dict[str, int], env: dict[str, str]) -> dict[str, subprocess.Popen[str]]:
+    """`script --serve pt|proxy --port P` for each of "pass-through" and "proxy" in `ports`, its stdout piped
+    (where the script reports what it measured inside the server, once terminated: `stop_served`)."""
+    return {
+        name: subprocess.Popen(
+            [PY, script, "--serve", "pt" if name == "pass-through" else "proxy", "--port", str(port)],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for name, port in ports.items()
+    }
+
+
+def stop_served(servers: dict[str, subprocess.Popen[str]]) -> dict[str, str]:
+    """Terminates each server `start_served` started and returns what it printed."""
+    outputs = {}
+    for name, proc in servers.items():
+        proc.terminate()
+        outputs[name] = proc.communicate(timeout=30)[0]
+    return outputs
+
+
 def budget_scaling(
     servers: dict[str, tuple[str, int]], script: Path, duration: int, rounds: int, cores: float
 ) -> dict[str, Any]:
@@ -340,6 +378,16 @@ def ttfc_pinned(urls: list[str], servers: list[int], others: list[int], n: int =
     finally:
         for pid, before in saved.items():
             _pin(pid, before, children=pid != me)
+
+
+def ttfc_line(label: str, direct: float, passthrough: float, proxy: float) -> str:
+    """One time-to-first-chunk row (medians in ms): each server's time, what it adds to Ollama direct, and the
+    proxy's addition as a multiple of the pass-through's."""
+    return (
+        f"{label} direct {direct:.2f} ms, pass-through {passthrough:.2f} ms (+{passthrough - direct:.2f}), "
+        f"proxy {proxy:.2f} ms (+{proxy - direct:.2f}; "
+        f"{(proxy - direct) / max(passthrough - direct, 1e-6):.2f}x the pass-through's)"
+    )
 
 
 def ttfv(url: str, n: int = 15, tokens_per_s: float = 30.0) -> float:
@@ -748,24 +796,11 @@ def main() -> None:
             f"({added_hit / added_pt if added_pt > 0 else float('nan'):.2f}x), "
             f"unique prompts +{rows[0][3]['p50_ms'] - rows[0][1]['p50_ms']:.2f} ms"
         )
-        print(
-            f"streaming time to first chunk p50: direct {t_direct:.2f} ms, pass-through {t_pass:.2f} ms "
-            f"(+{t_pass - t_direct:.2f}), proxy {t_proxy:.2f} ms (+{t_proxy - t_direct:.2f}; "
-            f"{(t_proxy - t_direct) / max(t_pass - t_direct, 1e-6):.2f}x the pass-through's)"
-        )
-        print(
-            f"  the same, one stream to each in turn: direct {c_direct:.2f} ms, pass-through {c_pass:.2f} ms "
-            f"(+{c_pass - c_direct:.2f}), proxy {c_proxy:.2f} ms (+{c_proxy - c_direct:.2f}; "
-            f"{(c_proxy - c_direct) / max(c_pass - c_direct, 1e-6):.2f}x the pass-through's)"
-        )
+        print(ttfc_line("streaming time to first chunk p50:", t_direct, t_pass, t_proxy))
+        print(ttfc_line("  the same, one stream to each in turn:", c_direct, c_pass, c_proxy))
         if pinned is not None:
-            p_direct, p_pass, p_proxy = pinned
-            print(
-                f"  the same, the servers on a core of their own (the client and the fake Ollama on the other): "
-                f"direct {p_direct:.2f} ms, pass-through {p_pass:.2f} ms (+{p_pass - p_direct:.2f}), proxy "
-                f"{p_proxy:.2f} ms (+{p_proxy - p_direct:.2f}; "
-                f"{(p_proxy - p_direct) / max(p_pass - p_direct, 1e-6):.2f}x the pass-through's)"
-            )
+            label = "  the same, the servers on a core of their own (the client and the fake Ollama on the other):"
+            print(ttfc_line(label, *pinned))
         print(
             f"time to first visible text at ~30 tokens/s: direct {v_direct:.0f} ms, proxy {v_proxy:.0f} ms "
             f"(+{v_proxy - v_direct:.0f} ms: the stream guard's hold-back before its first release)"

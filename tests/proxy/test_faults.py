@@ -259,9 +259,10 @@ STREAM_ENDS = {
 @pytest.mark.parametrize("end", list(STREAM_ENDS))
 def test_a_stream_is_freed_as_it_ends_not_left_for_the_cycle_collector(proxy, monkeypatch, end: str) -> None:
     """A stream that ended, however it ended, holds nothing in a reference cycle: its relay, Ollama's response
-    and the request are freed at once, not at the garbage collector's next pass over its generations (which
-    took 0.2-0.4 ms on the request it fell on, once in ~180 streams, when each stream left ~70 objects in a
-    cycle). The collector is off while the stream runs, so only reference counting can free it."""
+    and the request are freed at once, not at the garbage collector's next pass over its generations (inside
+    the server, passes of 0.3-0.4 ms each on whichever request they fell, one every ~13 streams, when each
+    stream left ~70 objects in a cycle: bench/gc_collections.py). The collector is off while the stream runs,
+    so only reference counting can free it."""
     from ollama_guard.relay import GuardedStream
 
     relays: list[weakref.ref[GuardedStream]] = []
